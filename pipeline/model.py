@@ -1,0 +1,236 @@
+"""torchvision's AlexNet cut at a layer (fc7, fc6, pool5), with its weights and provenance.
+
+FC7 is the output of the second 4096-wide Linear layer after its ReLU: `classifier[:6]` in eval
+mode (dropout off), as Caffe's in-place relu7 gave it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import AlexNet_Weights, alexnet
+
+from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from pipeline.errors import ConfigError, ProvenanceMismatch, WeightsError
+from pipeline.provenance import LAYER_WIDTHS, Preprocessing, Provenance
+
+IMAGENET_WEIGHTS = AlexNet_Weights.IMAGENET1K_V1
+# Number of classifier modules kept for each layer: (Dropout, Linear, ReLU) per FC layer.
+_CLASSIFIER_DEPTH = {"pool5": 0, "fc6": 3, "fc7": 6}
+# torch.hub's convention: a file named NAME-<sha256 prefix>.pth carries its own checksum.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.pth?$")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A loaded AlexNet state dict and what identifies it."""
+
+    spec: str  # what the user asked for: "imagenet", "random:0" or a file path
+    sha256: str
+    state_dict: dict[str, torch.Tensor]
+
+
+def parse_weights_spec(spec: str) -> str:
+    """Normalise a `--weights` value: "imagenet", "random:SEED" or an absolute file path.
+
+    Raises:
+        ConfigError: a random seed that is not an integer.
+    """
+    if spec == "imagenet":
+        return spec
+    if spec == "random" or spec.startswith("random:"):
+        seed = spec.partition(":")[2] or "0"
+        if not seed.lstrip("-").isdigit():
+            raise ConfigError(f"--weights {spec}: the seed after 'random:' must be an integer")
+        return f"random:{int(seed)}"
+    return str(Path(spec).expanduser().resolve())
+
+
+def load_weights(spec: str) -> Weights:
+    """Load AlexNet weights named by `spec` (see `parse_weights_spec`).
+
+    Raises:
+        WeightsError: not in the cache and not downloadable, unreadable, wrong checksum, or not
+            an AlexNet state dict. The message names the ways out.
+    """
+    spec = parse_weights_spec(spec)
+    if spec.startswith("random:"):
+        torch.manual_seed(int(spec.partition(":")[2]))
+        state_dict = alexnet(weights=None).state_dict()
+        digest = hashlib.sha256()
+        for name, tensor in state_dict.items():
+            digest.update(name.encode())
+            digest.update(tensor.numpy().tobytes())
+        return Weights(spec, digest.hexdigest(), state_dict)
+    if spec == "imagenet":
+        path = _imagenet_weights_file()
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise WeightsError(f"--weights {spec}: no such file")
+    sha256 = _verified_sha256(path)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise WeightsError(f"--weights {path}: not a readable torch state dict ({err})") from err
+    expected = alexnet(weights=None).state_dict()
+    if not isinstance(state_dict, dict) or set(state_dict) != set(expected):
+        keys = sorted(state_dict)[:4] if isinstance(state_dict, dict) else type(state_dict)
+        raise WeightsError(
+            f"--weights {path}: not a torchvision AlexNet state dict (keys like {keys})"
+        )
+    return Weights(spec, sha256, state_dict)
+
+
+def _imagenet_weights_file() -> Path:
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+    if cached.is_file():
+        return cached
+    try:
+        torch.hub.load_state_dict_from_url(IMAGENET_WEIGHTS.url, progress=True, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        raise WeightsError(
+            f"--weights imagenet: the ImageNet AlexNet weights are not in the torch hub cache "
+            f"({cached}) and could not be downloaded ({err}). Ways out: (1) copy "
+            f"{cached.name} into {cached.parent} (or set TORCH_HOME); (2) pass "
+            f"--weights /path/to/{cached.name}; (3) pass --weights random for a smoke test."
+        ) from err
+    return cached
+
+
+def _verified_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            digest.update(chunk)
+    sha256 = digest.hexdigest()
+    match = _HASH_IN_NAME.search(path.name)
+    if match and not sha256.startswith(match.group(1)):
+        raise WeightsError(
+            f"{path}: sha256 {sha256[:12]}... does not match the {match.group(1)} in its name: "
+            f"the file is corrupt or truncated; delete it and download it again"
+        )
+    return sha256
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: `cuda` asked for on a machine without CUDA.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+class Embedder:
+    """AlexNet up to `layer`, loaded once; call it on a uint8 batch to get embeddings.
+
+    Example:
+        >>> embedder = Embedder(load_weights("random:0"), layer="fc7")
+        >>> embedder(torch.zeros(2, 3, 224, 224, dtype=torch.uint8)).shape
+        (2, 4096)
+    """
+
+    def __init__(
+        self,
+        weights: Weights,
+        layer: str = "fc7",
+        device: str = "auto",
+        dtype: str = "float32",
+        preprocessing: Preprocessing | None = None,
+    ):
+        if layer not in _CLASSIFIER_DEPTH:
+            raise ConfigError(f"--layer {layer}: must be one of {', '.join(_CLASSIFIER_DEPTH)}")
+        self.weights = weights
+        self.layer = layer
+        self.dtype = dtype
+        self.preprocessing = preprocessing or Preprocessing()
+        self.device = resolve_device(device)
+        network = alexnet(weights=None)
+        network.load_state_dict(weights.state_dict)
+        self.network = (
+            nn.Sequential(
+                network.features,
+                network.avgpool,
+                nn.Flatten(1),
+                *network.classifier[: _CLASSIFIER_DEPTH[layer]],
+            )
+            .eval()
+            .to(self.device, memory_format=torch.channels_last)
+        )
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(self.preprocessing.mean, device=self.device).view(shape) * 255
+        self.std = torch.tensor(self.preprocessing.std, device=self.device).view(shape) * 255
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance(
+            weights=self.weights.spec,
+            weights_sha256=self.weights.sha256,
+            layer=self.layer,
+            dim=LAYER_WIDTHS[self.layer],
+            preprocessing=self.preprocessing,
+            dtype=self.dtype,
+            torch_version=torch.__version__,
+            torchvision_version=torchvision.__version__,
+        )
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """Embed a (batch, 3, crop, crop) uint8 tensor; returns a (batch, dim) float32 array."""
+        on_gpu = self.device.type == "cuda"
+        images = images.to(self.device, non_blocking=on_gpu).float()
+        images = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=on_gpu):
+            features = self.network(images)
+        return features.float().cpu().numpy()
+
+    def embed_bytes(
+        self, images: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> tuple[np.ndarray, list[str | None]]:
+        """Decode and embed encoded images, e.g. files given to a query.
+
+        Returns:
+            (embeddings of shape (len(images), dim) with zero rows for failures, and per image
+            None or the reason it could not be decoded).
+        """
+        tensors, errors = [], []
+        for data in images:
+            try:
+                tensors.append(decode_image(data, self.preprocessing, max_pixels)[0])
+                errors.append(None)
+            except ImageDecodeError as err:
+                errors.append(str(err))
+        vectors = np.zeros((len(images), LAYER_WIDTHS[self.layer]), dtype=np.float32)
+        if tensors:
+            ok = [i for i, error in enumerate(errors) if error is None]
+            vectors[ok] = self(torch.stack(tensors))
+        return vectors, errors
+
+    @classmethod
+    def matching(cls, provenance: Provenance, device: str = "auto") -> Embedder:
+        """The embedder that made artifacts with `provenance`, its weights checked by sha256.
+
+        Raises:
+            WeightsError: the recorded weights cannot be loaded here.
+            ProvenanceMismatch: the weights found here differ from the recorded ones.
+        """
+        weights = load_weights(provenance.weights)
+        if weights.sha256 != provenance.weights_sha256:
+            raise ProvenanceMismatch(
+                f"weights {provenance.weights}: sha256 here is {weights.sha256[:12]}..., the "
+                f"artifact was made with {provenance.weights_sha256[:12]}..."
+            )
+        return cls(weights, provenance.layer, device, provenance.dtype, provenance.preprocessing)

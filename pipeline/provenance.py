@@ -1,0 +1,122 @@
+"""What made an artifact: model, weights, layer, preprocessing, versions.
+
+Every artifact (Parquet embeddings, FAISS index, classifier) stores a `Provenance`; a job that
+combines two artifacts calls `require_compatible` and refuses to mix vectors from different
+feature spaces. `schema_version` refuses data written by a newer, incompatible release.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline import __version__
+from pipeline.errors import ArtifactError, ProvenanceMismatch
+
+SCHEMA_VERSION = 1
+PARQUET_METADATA_KEY = b"fc7.provenance"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+LAYER_WIDTHS = {"fc7": 4096, "fc6": 4096, "pool5": 9216}
+
+
+class Preprocessing(BaseModel):
+    """Image to tensor, as `AlexNet_Weights.IMAGENET1K_V1.transforms()` does it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    exif_orientation: bool = True
+    color: str = "RGB"
+    resize: int = 256
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def describe(self) -> str:
+        return (
+            f"exif-orient, {self.color}, resize {self.resize} {self.interpolation}"
+            f"{' antialias' if self.antialias else ''}, center-crop {self.crop}, imagenet-norm"
+        )
+
+
+class Provenance(BaseModel):
+    """Provenance recorded in every artifact; see `require_compatible`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    schema_version: int = SCHEMA_VERSION
+    model: str = "alexnet"
+    weights: str
+    weights_sha256: str
+    layer: str
+    dim: int
+    preprocessing: Preprocessing = Preprocessing()
+    dtype: str = "float32"
+    package_version: str = __version__
+    torch_version: str = ""
+    torchvision_version: str = ""
+    created_at: str = ""
+
+    # Fields that define the feature space. Versions, dtype and time do not.
+    FEATURE_SPACE: ClassVar[tuple[str, ...]] = (
+        "model", "weights_sha256", "layer", "dim", "preprocessing"
+    )
+
+    def stamped(self) -> Provenance:
+        """A copy with `created_at` set to now (UTC)."""
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        return self.model_copy(update={"created_at": now})
+
+    def differences(self, other: Provenance) -> list[str]:
+        """Human-readable feature-space differences, empty when compatible."""
+        diffs = []
+        for name in self.FEATURE_SPACE:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                if name == "weights_sha256":
+                    mine = f"{self.weights} ({mine[:12]})"
+                    theirs = f"{other.weights} ({theirs[:12]})"
+                elif name == "preprocessing":
+                    mine, theirs = mine.describe(), theirs.describe()
+                diffs.append(f"{name}: {mine} vs {theirs}")
+        return diffs
+
+    def require_compatible(self, other: Provenance, mine: str, theirs: str) -> None:
+        """Raise `ProvenanceMismatch` naming both artifacts when feature spaces differ."""
+        diffs = self.differences(other)
+        if diffs:
+            raise ProvenanceMismatch(
+                f"{theirs} was made with different features than {mine}: " + "; ".join(diffs)
+            )
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> Provenance:
+        """Parse stored provenance; `where` names the artifact in error messages.
+
+        Raises:
+            ArtifactError: not valid provenance, or written by a newer schema version.
+        """
+        try:
+            data = json.loads(text)
+        except (ValueError, TypeError) as err:
+            raise ArtifactError(f"{where}: provenance is not valid JSON ({err})") from err
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{where}: written by a newer fc7 (schema {version}, this one reads "
+                f"{SCHEMA_VERSION}); upgrade fc7"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ArtifactError(f"{where}: provenance is invalid: {err}") from err
