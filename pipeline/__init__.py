@@ -2,9 +2,11 @@
 
 Stages, each one module; imports flow one way (a module never imports a later stage):
 
-    errors, config -> provenance -> sources -> decode -> model -> store -> extract
-                                                                  store -> index -> search -> serve
-                                                                  store -> classify
+    errors, config -> provenance -> store -> sources -> decode -> model
+    model, store -> extract          (embeddings in Parquet)
+    model, store -> index -> search  (FAISS similarity search)
+    model, store -> classify         (scikit-learn classifiers)
+    search, classify -> serve        (HTTP service and page)
 """
 
 __version__ = "0.1.0"

@@ -121,6 +121,22 @@ def _verified_sha256(path: Path) -> str:
     return sha256
 
 
+def make_provenance(
+    weights: Weights, layer: str, dtype: str, preprocessing: Preprocessing | None = None
+) -> Provenance:
+    """The provenance of embeddings made with these weights, layer, dtype and preprocessing."""
+    return Provenance(
+        weights=weights.spec,
+        weights_sha256=weights.sha256,
+        layer=layer,
+        dim=LAYER_WIDTHS[layer],
+        preprocessing=preprocessing or Preprocessing(),
+        dtype=dtype,
+        torch_version=torch.__version__,
+        torchvision_version=torchvision.__version__,
+    )
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto` is CUDA when available, else CPU.
 
@@ -176,16 +192,7 @@ class Embedder:
 
     @property
     def provenance(self) -> Provenance:
-        return Provenance(
-            weights=self.weights.spec,
-            weights_sha256=self.weights.sha256,
-            layer=self.layer,
-            dim=LAYER_WIDTHS[self.layer],
-            preprocessing=self.preprocessing,
-            dtype=self.dtype,
-            torch_version=torch.__version__,
-            torchvision_version=torchvision.__version__,
-        )
+        return make_provenance(self.weights, self.layer, self.dtype, self.preprocessing)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> np.ndarray:

@@ -101,3 +101,74 @@ def write_embeddings(
 def labelled_images(tmp_path: Path) -> Path:
     """A folder of 3 classes x 4 generated JPEGs."""
     return write_labelled_folder(tmp_path / "images")
+
+
+def png_bomb_bytes(width: int = 40000, height: int = 40000) -> bytes:
+    """A valid PNG header claiming `width` x `height` pixels with almost no data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def save_image(array: np.ndarray, mode: str | None = None, **save_args) -> bytes:
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, **save_args)
+    return buffer.getvalue()
+
+
+def hostile_corpus(root: Path) -> dict[str, str | None]:
+    """Broken and odd files under `root`; returns {id: expected error prefix, or None if fine}."""
+    photo = np.asarray(Image.open(io.BytesIO(jpeg_bytes(7, (120, 90)))))
+    good = jpeg_bytes(3)
+    large = jpeg_bytes(4, (320, 240))
+    frames = [Image.fromarray(np.full((40, 50, 3), v, np.uint8)) for v in (30, 200)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    rotated = io.BytesIO()
+    Image.fromarray(photo).save(rotated, format="JPEG", exif=exif.tobytes(), quality=95)
+    sixteen = (np.linspace(0, 65535, 80 * 60).reshape(60, 80)).astype(np.uint16)
+    files: dict[str, tuple[bytes, str | None]] = {
+        "broken/empty.jpg": (b"", "empty file"),
+        "broken/truncated.jpg": (large[: len(large) * 3 // 5], "corrupt or truncated JPEG"),
+        "broken/text.jpg": (b"hello, I am plain text\n" * 5, "not an image"),
+        "broken/page.jpg": (b"<!DOCTYPE html><html><body>404</body></html>", "not an image"),
+        "broken/bomb.png": (png_bomb_bytes(), "too large"),
+        "odd/cmyk.jpg": (save_image(photo, "CMYK", format="JPEG"), None),
+        "odd/gray16.png": (save_image(sixteen, format="PNG"), None),
+        "odd/rgba.png": (save_image(np.dstack([photo, photo[..., :1]]), format="PNG"), None),
+        "odd/palette.png": (save_image(photo, "P", format="PNG"), None),
+        "odd/animated.gif": (gif.getvalue(), None),
+        "odd/photo.webp": (save_image(photo, format="WEBP"), None),
+        "odd/photo.tiff": (save_image(photo, format="TIFF"), None),
+        "odd/photo.BMP": (save_image(photo, format="BMP"), None),
+        "odd/rotated.jpg": (rotated.getvalue(), None),
+        "odd/ünïcødé 名前.jpg": (good, None),
+        "top-level.JPEG": (good, None),
+    }
+    for name, (data, _) in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "odd/folder.jpg").mkdir()  # a folder named like an image: walked, not read
+    (root / "odd/folder.jpg/inside.png").write_bytes(save_image(photo, format="PNG"))
+    (root / "odd/notes.txt").write_text("not an image extension: ignored")
+    (root / "broken/dangling.jpg").symlink_to(root / "does-not-exist.jpg")
+    expected = {name: error for name, (_, error) in files.items()}
+    expected["odd/folder.jpg/inside.png"] = None
+    expected["broken/dangling.jpg"] = "cannot read file"
+    return expected

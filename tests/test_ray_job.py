@@ -1,0 +1,50 @@
+"""`ray job submit` against a real Ray head started with `ray start`, as on a cluster."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not shutil.which(RAY), reason="the ray command is not installed")
+def test_ray_job_submit_runs_extraction_on_a_started_head(tmp_path):
+    # `ray stop` ends every Ray on this machine, so let go of this process's own first.
+    ray.shutdown()
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(RAY).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    dashboard = _free_port()
+    subprocess.run(
+        [RAY, "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=180,
+    )
+    try:
+        out = tmp_path / "embeddings"
+        job = subprocess.run(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+             "--working-dir", str(REPO), "--", "python", "jobs/extract.py",
+             str(REPO / "examples/images"), "--out", str(out), "--weights", "random:0"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "embedded 12, failed 0" in job.stdout
+        assert pq.read_table(out).num_rows == 12
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
