@@ -31,10 +31,15 @@ from pydantic import PositiveInt, field_validator
 
 from pipeline.config import JobConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from pipeline.errors import OutputError, ProvenanceMismatch
+from pipeline.errors import OutputError, ProvenanceMismatch, SourceError
 from pipeline.model import Embedder, load_weights, parse_weights_spec
 from pipeline.provenance import Provenance
-from pipeline.sources import InputImage, normalize_source, read_image_bytes
+from pipeline.sources import (
+    IMAGE_EXTENSIONS,
+    InputImage,
+    normalize_source,
+    read_image_bytes,
+)
 from pipeline.store import PART_PREFIX, build_table, resolve, write_table_atomically
 
 PLAN_FOLDER = "_fc7"
@@ -183,6 +188,11 @@ def write_plan(
                 row_group_size=config.shard_size,
             )
             count += len(chunk)
+    if count == 0:
+        raise SourceError(
+            f"{config.source}: no images found (looked for files ending in "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     plan = Plan(
         out=out,
         source=config.source,

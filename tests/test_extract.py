@@ -19,7 +19,7 @@ from conftest import REPO, hostile_corpus, jpeg_bytes, write_labelled_folder
 
 from jobs.extract import main as extract
 from pipeline.decode import decode_image
-from pipeline.errors import OutputError, ProvenanceMismatch
+from pipeline.errors import OutputError, ProvenanceMismatch, SourceError
 from pipeline.model import Embedder, load_weights
 from pipeline.provenance import PARQUET_METADATA_KEY
 from pipeline.store import EmbeddingDataset, embeddings_to_numpy
@@ -105,11 +105,12 @@ def test_rerun_does_nothing_and_other_settings_are_refused(hostile_run, capsys):
 
 def test_results_do_not_depend_on_shards_batches_or_workers(tmp_path, labelled_images):
     runs = []
-    for shard, batch, dtype in [("2", "1", "float32"), ("64", "7", "float32"),
-                                ("3", "4", "float16")]:
+    for shard, batch, dtype, workers in [("2", "1", "float32", "2"), ("64", "7", "float32", "1"),
+                                         ("3", "4", "float16", "1")]:
         out = tmp_path / f"out-{shard}-{batch}"
         assert extract([str(labelled_images), "--out", str(out), "--weights", "random:2",
-                        "--shard-size", shard, "--batch-size", batch, "--dtype", dtype]) == 0
+                        "--shard-size", shard, "--batch-size", batch, "--dtype", dtype,
+                        "--num-workers", workers, "--cpus-per-worker", "1"]) == 0
         table = pq.read_table(out).sort_by("id")
         runs.append((table["id"].to_pylist(), embeddings_to_numpy(table["embedding"])))
     assert runs[0][0] == runs[1][0] == runs[2][0]
@@ -151,6 +152,13 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert len(ids) == len(set(ids)) == 160
     assert table["error"].null_count == 160
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_source_without_images_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/readme.txt").write_text("no images here")
+    with pytest.raises(SourceError, match="no images found"):
+        extract([str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--weights", "random"])
 
 
 def test_cli_exit_codes_and_messages(tmp_path):
