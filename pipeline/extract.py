@@ -279,7 +279,7 @@ def _load_and_decode(item: dict, embedder: Embedder, max_pixels: int) -> tuple:
 class ShardEmbedder:
     """Loads the model once; `__call__(shard)` embeds one shard of the plan into its part file.
 
-    Runs with or without Ray (the benchmark and GPU checks call it directly).
+    Plain Python: Ray runs it as an actor (`run_shards`), and it runs without Ray as well.
     """
 
     def __init__(self, config: ExtractConfig, plan: Plan, threads: int | None = None):
