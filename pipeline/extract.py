@@ -1,6 +1,6 @@
 """Extraction: plan the inputs into shards, embed each shard, write one atomic part per shard.
 
-The output folder holds `part-NNNNN.parquet` (one per shard, written atomically) and `_fc7/`
+The output folder holds `part-NNNNN.parquet` (one per shard, written atomically) and `_plan/`
 (the plan: `inputs.parquet`, one row group per shard, and `plan.json` with the provenance).
 Resuming is therefore exact: a shard is done when its part file exists, whatever killed the
 previous run; nothing is recomputed or duplicated.
@@ -42,7 +42,7 @@ from pipeline.sources import (
 )
 from pipeline.store import PART_PREFIX, build_table, resolve, write_table_atomically
 
-PLAN_FOLDER = "_fc7"
+PLAN_FOLDER = "_plan"
 PLAN_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
 
 
@@ -175,7 +175,7 @@ def prepare_output(config: ExtractConfig, provenance: Provenance) -> Plan | None
 def write_plan(
     config: ExtractConfig, provenance: Provenance, inputs: Iterable[InputImage]
 ) -> Plan:
-    """Stream `inputs` into `_fc7/inputs.parquet`, one row group per shard, then `plan.json`.
+    """Stream `inputs` into `_plan/inputs.parquet`, one row group per shard, then `plan.json`.
 
     `plan.json` is written last: a run killed while planning simply plans again.
     """

@@ -33,7 +33,8 @@ def embedding_schema(provenance: Provenance) -> pa.Schema:
             pa.field("id", pa.string(), nullable=False),
             pa.field("path", pa.string(), nullable=False),
             pa.field("label", pa.string()),
-            pa.field("embedding", pa.list_(pa.field("item", value_type), provenance.dim)),
+            # "element": the name Parquet gives list items, so a table read back has this schema.
+            pa.field("embedding", pa.list_(pa.field("element", value_type), provenance.dim)),
             pa.field("error", pa.string()),
             pa.field("sha256", pa.string()),
             pa.field("width", pa.int32()),
@@ -183,7 +184,9 @@ def build_table(
     value_type = schema.field("embedding").type.value_type
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=value_type.to_pandas_dtype()).ravel())
     valid = pa.array([error is None for error in errors], type=pa.bool_())
-    embedding = pa.FixedSizeListArray.from_arrays(flat, provenance.dim, mask=pc.invert(valid))
+    embedding = pa.FixedSizeListArray.from_arrays(
+        flat, type=schema.field("embedding").type, mask=pc.invert(valid)
+    )
     missing = [None] * rows
     return pa.Table.from_arrays(
         [

@@ -71,7 +71,7 @@ def test_embeddings_equal_the_single_process_model(hostile_run):
 def test_output_schema_provenance_and_other_readers(hostile_run):
     _, expected, out = hostile_run
     parts = sorted(p.name for p in out.iterdir())
-    assert parts == ["_fc7", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet",
+    assert parts == ["_plan", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet",
                      "part-00003.parquet"]
     schema = pq.read_schema(out / "part-00000.parquet")
     embedding = schema.field("embedding").type
