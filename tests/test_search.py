@@ -1,0 +1,179 @@
+"""The query API and `fc7 query`, against exact numpy search over the stored vectors."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import index as fx
+from pipeline.cli import main as fc7
+from pipeline.decode import ImageDecodeError
+from pipeline.errors import ProvenanceMismatch
+from pipeline.search import Match, SimilarityIndex
+from pipeline.store import EmbeddingDataset
+from tests.conftest import clustered_vectors, write_embeddings, write_labelled_folder
+
+DIM = 32
+
+
+def build(embeddings: Path, out: Path, **options) -> None:
+    config = fx.IndexConfig(embeddings=str(embeddings), out=str(out), **options)
+    fx.build_index(config, EmbeddingDataset.open(str(embeddings)))
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A flat cosine index over 800 labelled clustered vectors."""
+    root = tmp_path_factory.mktemp("search")
+    x, labels = clustered_vectors(800, DIM, seed=11)
+    write_embeddings(root / "emb", x, labels=[f"class_{c}" for c in labels], shards=2)
+    build(root / "emb", root / "index", kind="flat")
+    return root / "index", x
+
+
+def cosine_top(x: np.ndarray, query: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    scores = unit @ (query / np.linalg.norm(query))
+    order = np.argsort(-scores)[:k]
+    return [f"img_{i:06d}.jpg" for i in order], scores[order]
+
+
+def test_search_ids_leaves_the_item_out_unless_asked(indexed) -> None:
+    folder, x = indexed
+    index = SimilarityIndex.open(folder, device="cpu")
+    expected_ids, expected_scores = cosine_top(x, x[42], k=6)
+    with_self = index.search_ids(["img_000042.jpg"], k=6, include_self=True)[0]
+    assert [m.id for m in with_self] == expected_ids
+    np.testing.assert_array_almost_equal([m.score for m in with_self], expected_scores, 5)
+    without = index.search_ids(["img_000042.jpg"], k=5)[0]
+    assert [m.id for m in without] == expected_ids[1:]
+
+
+def test_item_and_unknown_ids(indexed) -> None:
+    index = SimilarityIndex.open(indexed[0], device="cpu")
+    item = index.item("img_000003.jpg")
+    assert isinstance(item, Match) and item.path == "/images/img_000003.jpg"
+    assert item.label.startswith("class_") and item.score == 0.0
+    assert len(index) == 800
+    with pytest.raises(KeyError, match="nope.jpg"):
+        index.search_ids(["img_000001.jpg", "nope.jpg"])
+    with pytest.raises(KeyError):
+        index.item("nope.jpg")
+
+
+def test_vectors_of_the_wrong_dimension_are_refused(indexed) -> None:
+    index = SimilarityIndex.open(indexed[0], device="cpu")
+    with pytest.raises(ProvenanceMismatch, match="32-d"):
+        index.search_vectors(np.ones((2, 16), dtype=np.float32))
+
+
+def test_batches_and_threads_give_the_same_results(indexed) -> None:
+    folder, x = indexed
+    index = SimilarityIndex.open(folder, device="cpu")
+    queries = x[:40] + 0.05
+    serial = [index.search_vectors(q, k=7)[0] for q in queries]
+    assert index.search_vectors(queries, k=7) == serial
+    results: dict[int, list[Match]] = {}
+
+    def work(start: int) -> None:
+        for i in range(start, 40, 4):
+            results[i] = index.search_vectors(queries[i], k=7)[0]
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [results[i] for i in range(40)] == serial
+
+
+@pytest.mark.parametrize(
+    "options", [{"kind": "flat", "pca": 8, "whiten": True}, {"kind": "IVF16,PQ8x4fs"}]
+)
+def test_search_ids_uses_the_stored_vector_whatever_the_index(tmp_path, options) -> None:
+    # Behind a whitened PCA FAISS cannot invert the transform; fast-scan PQ cannot give
+    # vectors back: an id query must still search with exactly what a vector query would.
+    x, _ = clustered_vectors(700, DIM, seed=12)
+    write_embeddings(tmp_path / "emb", x)
+    build(tmp_path / "emb", tmp_path / "index", **options)
+    index = SimilarityIndex.open(tmp_path / "index", device="cpu")
+    by_id = index.search_ids(["img_000010.jpg"], k=5, include_self=True)[0]
+    by_vector = index.search_vectors(x[10], k=5)[0]
+    assert [m.id for m in by_id] == [m.id for m in by_vector]
+    np.testing.assert_allclose([m.score for m in by_id], [m.score for m in by_vector], atol=1e-5)
+
+
+def test_query_cli_json_and_table(indexed, capsys) -> None:
+    folder, x = indexed
+    assert (
+        fc7(["query", str(folder), "--id", "img_000007.jpg", "img_000008.jpg", "-k", "3", "--json"])
+        == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert [entry["query"] for entry in printed] == ["img_000007.jpg", "img_000008.jpg"]
+    expected_ids, expected_scores = cosine_top(x, x[7], k=4)
+    assert [r["id"] for r in printed[0]["results"]] == expected_ids[1:]
+    assert set(printed[0]["results"][0]) == {"id", "path", "label", "score"}
+    assert printed[0]["results"][0]["score"] == pytest.approx(expected_scores[1], abs=1e-5)
+    assert fc7(["query", str(folder), "--id", "img_000007.jpg", "-k", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "cosine similarity" in table and expected_ids[1] in table
+
+
+def test_query_cli_errors_are_one_line(indexed, tmp_path, capsys) -> None:
+    folder, _ = indexed
+    assert fc7(["query", str(folder), "--id", "missing.jpg"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--id missing.jpg: not in the index" in error and "\n" not in error
+    assert fc7(["query", str(tmp_path / "no-index"), "--id", "x"]) == 1
+    assert "no such index folder" in capsys.readouterr().err
+    assert fc7(["query", str(folder)]) == 2
+    assert "--image PATH... or --id ID..." in capsys.readouterr().err
+
+
+def test_image_query_end_to_end(tmp_path: Path, capsys) -> None:
+    """Extract generated JPEGs, index them, query by one of the files: it comes first."""
+    from jobs.extract import main as extract
+
+    images = write_labelled_folder(tmp_path / "images", classes=4, per_class=8)
+    (images / "class_0" / "not-an-image.jpg").write_bytes(b"this is text")
+    embeddings = tmp_path / "emb"
+    assert (
+        extract(
+            [
+                str(images),
+                "--out",
+                str(embeddings),
+                "--weights",
+                "random:0",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert fc7(["index", str(embeddings), "--out", str(tmp_path / "index")]) == 0
+    assert "1 skipped with errors" in capsys.readouterr().out
+
+    index = SimilarityIndex.open(tmp_path / "index", device="cpu")
+    assert len(index) == 32
+    query = images / "class_2" / "img_5.jpg"
+    top = index.search_images([query.read_bytes()], k=3)[0]
+    assert top[0].path.endswith("class_2/img_5.jpg")
+    assert top[0].score == pytest.approx(1.0, abs=1e-4)
+    assert top[0].label == "class_2"
+
+    with pytest.raises(ImageDecodeError, match="image 2"):
+        index.search_images([query.read_bytes(), b"garbage"])
+    assert fc7(["query", str(tmp_path / "index"), "--image", str(query), "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["results"][0]["path"] == top[0].path
+    bad = images / "class_0" / "not-an-image.jpg"
+    assert fc7(["query", str(tmp_path / "index"), "--image", str(bad)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert f"--image {bad}" in error and "\n" not in error
