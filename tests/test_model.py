@@ -63,7 +63,9 @@ def test_pool5_is_the_flattened_feature_map(weights):
     model.load_state_dict(weights.state_dict)
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     embedder = Embedder(weights, "pool5", device="cpu")
-    normalised = (images.float() - embedder.mean) / embedder.std
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    normalised = (images.float() / 255 - mean) / std
     with torch.inference_mode():
         expected = torch.flatten(model.eval().avgpool(model.features(normalised)), 1)
     np.testing.assert_allclose(embedder(images), expected.numpy(), rtol=1e-4, atol=1e-4)
