@@ -13,7 +13,15 @@ if [ ! -x .venv/bin/fc7 ]; then
 fi
 
 weights=imagenet
-if ! .venv/bin/python -c "from pipeline.model import load_weights; load_weights('imagenet')"; then
+if ! .venv/bin/python - <<'PY'
+from pipeline.errors import WeightsError
+from pipeline.model import load_weights
+try:
+    load_weights("imagenet")
+except WeightsError as err:
+    raise SystemExit(str(err))
+PY
+then
     cat >&2 <<'MSG'
 
 #######################################################################################

@@ -36,8 +36,8 @@ Run the same command again to resume an interrupted run."""
 
 def parse(argv):
     parser = new_parser("fc7 extract", "Embed images with AlexNet into Parquet.", EPILOG)
-    parser.add_argument("source", nargs="?", help="folder of images, or a .txt/.csv/.parquet manifest "
-                        "(local path or s3://, gs:// URI)")
+    parser.add_argument("source", nargs="?", help="folder of images, or a .txt/.csv/.parquet "
+                        "manifest (local path or s3://, gs:// URI)")
     add_option(parser, "--out", ExtractConfig, "output folder or URI for the Parquet dataset")
     add_option(parser, "--weights", ExtractConfig, "'imagenet' (torch hub cache, downloaded if "
                "missing), 'random' or 'random:SEED' (a seeded smoke test), or a .pth state dict")

@@ -13,9 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `ray job submit` and python
 
 from pipeline.classify import Classifier, PredictConfig, predict_dataset  # noqa: E402
-from pipeline.cli import run  # noqa: E402
+from pipeline.cli import run
 from pipeline.config import add_option, load_config, new_parser  # noqa: E402
 from pipeline.errors import SourceError  # noqa: E402
+from pipeline.sources import read_image_bytes  # noqa: E402
 from pipeline.store import EmbeddingDataset  # noqa: E402
 
 EPILOG = """examples:
@@ -78,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     images, unreadable, failed = [], {}, 0
     for path in config.image:
         try:
-            images.append(Path(path).read_bytes())
-        except OSError as err:
+            images.append(read_image_bytes(path))
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "strerror", None) or err
             if len(config.image) == 1:
-                raise SourceError(f"--image {path}: cannot read: {err.strerror}") from err
+                raise SourceError(f"--image {path}: cannot read: {reason}") from err
             images.append(b"")  # reported below as unreadable, not as an empty file
-            unreadable[path] = f"cannot read: {err.strerror}"
+            unreadable[path] = f"cannot read: {reason}"
     results, errors = classifier.predict_images(images, config.top_k, config.device)
     for path, top, error in zip(config.image, results, errors, strict=True):
         if top is None:

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -34,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 from sklearn.base import clone
 from sklearn.decomposition import PCA, IncrementalPCA
@@ -48,7 +48,7 @@ from sklearn.svm import LinearSVC
 from pipeline import __version__
 from pipeline.config import JobConfig
 from pipeline.errors import ArtifactError, ConfigError, OutputError
-from pipeline.provenance import PARQUET_METADATA_KEY, Provenance
+from pipeline.provenance import PARQUET_METADATA_KEY, Provenance, file_sha256
 from pipeline.store import (
     EmbeddingDataset,
     embeddings_to_numpy,
@@ -131,7 +131,7 @@ class PredictConfig(JobConfig):
     image: list[str] = []
     top_k: int = Field(5, ge=1)
     batch_size: int = Field(8192, ge=1)
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     overwrite: bool = False
 
     @model_validator(mode="after")
@@ -425,14 +425,6 @@ def evaluate(
 # ---------------------------------------------------------------------------- the classifier
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a saved classifier depends on."""
     import sklearn
@@ -573,7 +565,7 @@ class Classifier:
             "provenance": json.loads(self.provenance.to_json()),
             "training": training,
             "model_file": MODEL_FILE,
-            "model_sha256": _sha256(folder / MODEL_FILE),
+            "model_sha256": file_sha256(folder / MODEL_FILE),
             "trusted_types": TRUSTED_TYPES,
             "versions": library_versions(),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -621,7 +613,7 @@ class Classifier:
         model_path = folder / MODEL_FILE
         if not model_path.is_file():
             raise ArtifactError(f"{model_path}: missing model file")
-        found_sha = _sha256(model_path)
+        found_sha = file_sha256(model_path)
         if found_sha != expected_sha:
             raise ArtifactError(
                 f"{model_path}: sha256 {found_sha[:12]}... differs from the manifest's "
@@ -1161,6 +1153,17 @@ def predict_dataset(
     existing = [
         info for info in fs.get_file_info(_selector(base)) if info.base_name.startswith("part-")
     ]
+    for info in existing:
+        # Never delete what is not ours, such as the embeddings themselves.
+        try:
+            metadata = pq.read_schema(info.path, filesystem=fs).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            metadata = {}
+        if PREDICTIONS_METADATA_KEY not in metadata:
+            raise OutputError(
+                f"--out {out}: holds {info.base_name}, which is not an fc7 predictions file; "
+                f"choose another --out"
+            )
     if existing and not overwrite:
         raise OutputError(f"--out {out}: already holds predictions; pass --overwrite")
     for info in existing:

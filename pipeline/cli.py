@@ -32,7 +32,7 @@ commands:
 example:
   fc7 extract examples/images --out out/embeddings --weights random
   fc7 index out/embeddings --out out/index
-  fc7 query out/index --image examples/images/dogs/dog1.jpg -k 5
+  fc7 query out/index --image examples/images/dalmatian/image_0001.jpg -k 5
 """
 
 

@@ -8,6 +8,7 @@ override the YAML file.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,3 +106,23 @@ def _describe(err: ValidationError, config_path: str | None) -> str:
         else:
             problems.append(f"{flag} {given!r}: {item['msg']}")
     return "; ".join(problems)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size like `4GB`, `512MiB`, `1.5G` or `1000000` (KB, MB, GB are powers of 10).
+
+    Raises:
+        ValueError: not a number with an optional unit.
+
+    Example:
+        >>> parse_size("1.5GB"), parse_size("1KiB"), parse_size(300)
+        (1500000000, 1024, 300)
+    """
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 4GB, 512MiB or 1000000")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " kmgt".index(unit or " "))

@@ -31,7 +31,7 @@ from pydantic import PositiveInt, field_validator
 
 from pipeline.config import JobConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from pipeline.errors import OutputError, ProvenanceMismatch, SourceError
+from pipeline.errors import ArtifactError, OutputError, ProvenanceMismatch, SourceError
 from pipeline.model import Embedder, load_weights, parse_weights_spec
 from pipeline.provenance import Provenance
 from pipeline.sources import (
@@ -68,9 +68,9 @@ class ExtractConfig(JobConfig):
     def _normalise_weights(cls, value: str) -> str:
         return parse_weights_spec(value)
 
-    @field_validator("source")
+    @field_validator("source", "out")
     @classmethod
-    def _normalise_source(cls, value: str) -> str:
+    def _normalise_location(cls, value: str) -> str:
         return normalize_source(value)
 
 
@@ -102,7 +102,7 @@ class ShardStats:
 class Plan:
     """The inputs of a run, fixed once, split into shards of `shard_size` rows."""
 
-    out: str
+    out: str  # local path or URI, as `resolve` takes it
     source: str
     limit: int | None
     inputs: int
@@ -115,13 +115,14 @@ class Plan:
 
     @property
     def inputs_file(self) -> str:
-        return f"{self.out}/{PLAN_FOLDER}/inputs.parquet"
+        """Path on `resolve(self.out)[0]`, like `part_file`."""
+        return f"{resolve(self.out)[1]}/{PLAN_FOLDER}/inputs.parquet"
 
     def shard_rows(self, shard: int) -> int:
         return min(self.shard_size, self.inputs - shard * self.shard_size)
 
     def part_file(self, shard: int) -> str:
-        return f"{self.out}/{PART_PREFIX}{shard:05d}.parquet"
+        return f"{resolve(self.out)[1]}/{PART_PREFIX}{shard:05d}.parquet"
 
 
 def prepare_output(config: ExtractConfig, provenance: Provenance) -> Plan | None:
@@ -142,16 +143,21 @@ def prepare_output(config: ExtractConfig, provenance: Provenance) -> Plan | None
     if existing.type != pafs.FileType.File:
         _require_no_parts(fs, out, config.out)
         return None
-    with fs.open_input_stream(plan_json) as stream:
-        recorded = json.loads(stream.read())
-    plan = Plan(
-        out=out,
-        source=recorded["source"],
-        limit=recorded["limit"],
-        inputs=recorded["inputs"],
-        shard_size=recorded["shard_size"],
-        provenance=Provenance.from_json(json.dumps(recorded["provenance"]), where=plan_json),
-    )
+    try:
+        with fs.open_input_stream(plan_json) as stream:
+            recorded = json.loads(stream.read())
+        plan = Plan(
+            out=config.out,
+            source=recorded["source"],
+            limit=recorded["limit"],
+            inputs=recorded["inputs"],
+            shard_size=recorded["shard_size"],
+            provenance=Provenance.from_json(json.dumps(recorded["provenance"]), where=plan_json),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ArtifactError(
+            f"{plan_json}: unreadable run plan ({err!r}); pass --overwrite to start again"
+        ) from err
     if config.overwrite:
         remove_output(fs, out)
         fs.create_dir(f"{out}/{PLAN_FOLDER}", recursive=True)
@@ -194,7 +200,7 @@ def write_plan(
             f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
     plan = Plan(
-        out=out,
+        out=config.out,
         source=config.source,
         limit=config.limit,
         inputs=count,
@@ -216,9 +222,9 @@ def write_plan(
 
 def pending_shards(plan: Plan) -> list[int]:
     """Shards whose part file is not there yet; also removes temporary files of killed runs."""
-    fs, _ = resolve(plan.out)
+    fs, out = resolve(plan.out)
     done = set()
-    for info in fs.get_file_info(pafs.FileSelector(plan.out, recursive=False)):
+    for info in fs.get_file_info(pafs.FileSelector(out, recursive=False)):
         name = info.base_name
         if name.startswith(f".{PART_PREFIX}") and name.endswith(".tmp"):
             fs.delete_file(info.path)
@@ -266,8 +272,9 @@ def _load_and_decode(item: dict, embedder: Embedder, max_pixels: int) -> tuple:
     """(tensor or None, error or None, sha256, width, height) for one input row."""
     try:
         data = read_image_bytes(item["path"])
-    except OSError as err:
-        return None, f"cannot read file: {err.strerror or err}", None, None, None
+    except (OSError, ValueError) as err:  # ValueError: a URI scheme pyarrow does not know
+        reason = getattr(err, "strerror", None) or err
+        return None, f"cannot read file: {reason}", None, None, None
     sha256 = hashlib.sha256(data).hexdigest()
     try:
         tensor, width, height = decode_image(data, embedder.preprocessing, max_pixels)

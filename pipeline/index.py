@@ -23,7 +23,6 @@ OpenBLAS reads `OPENBLAS_CORETYPE` once, when faiss loads it, so this module set
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -45,9 +44,10 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from pipeline import __version__
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, parse_size
 from pipeline.errors import ArtifactError, ConfigError, OutputError
-from pipeline.provenance import PARQUET_METADATA_KEY, Provenance
+from pipeline.provenance import PARQUET_METADATA_KEY, Provenance, file_sha256
+from pipeline.sources import normalize_source
 from pipeline.store import EmbeddingDataset, embeddings_to_numpy
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class IndexConfig(JobConfig):
     @classmethod
     def _check_memory(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_memory(value)
+            parse_size(value)
         return value
 
     @field_validator("out")
@@ -147,24 +147,6 @@ class IndexConfig(JobConfig):
         if "://" in value:
             raise ValueError("the index folder must be a local path (FAISS writes local files)")
         return value
-
-
-def parse_memory(text: str) -> int:
-    """Bytes in a budget like `4GB`, `512MiB`, `1.5G` or `1000000`.
-
-    Raises:
-        ValueError: not a number with an optional unit.
-
-    Example:
-        >>> parse_memory("1.5GB")
-        1500000000
-    """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
-    if not match:
-        raise ValueError(f"{text!r} is not a size like 4GB, 512MiB or 1000000")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " kmgt".index(unit or " "))
 
 
 def machine_memory() -> int:
@@ -584,7 +566,7 @@ def build_index(
     if rows == 0:
         raise ArtifactError(f"{data.uri}: no rows without errors to index ({total:,} rows)")
     dim = data.provenance.dim
-    budget = parse_memory(config.max_memory) if config.max_memory else machine_memory() // 2
+    budget = parse_size(config.max_memory) if config.max_memory else machine_memory() // 2
     train_rows = min(config.train_sample, rows)
     plan = plan_index(
         config.kind, rows, dim, config.metric, config.pca, config.whiten, budget, train_rows
@@ -752,7 +734,7 @@ def add_to_index(
 
 def _source_entry(data: EmbeddingDataset, added: int, errors: int, duplicates: int) -> dict:
     return {
-        "uri": data.uri,
+        "uri": normalize_source(data.uri),  # absolute: queries may run from another folder
         "fingerprint": data.fingerprint(),
         "rows_added": added,
         "rows_skipped_errors": errors,
@@ -772,14 +754,6 @@ def peak_rss() -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_index_dir(
@@ -823,9 +797,9 @@ def write_index_dir(
         pq.write_table(table, staging / IDS_FILE, compression="zstd")
         manifest["files"] = {
             "index": INDEX_FILE,
-            "index_sha256": _sha256(staging / INDEX_FILE),
+            "index_sha256": file_sha256(staging / INDEX_FILE),
             "ids": IDS_FILE,
-            "ids_sha256": _sha256(staging / IDS_FILE),
+            "ids_sha256": file_sha256(staging / IDS_FILE),
         }
         manifest["index_bytes"] = (staging / INDEX_FILE).stat().st_size
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -834,7 +808,11 @@ def write_index_dir(
                 raise OutputError(f"--out {out}: already exists")
             old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
             out.rename(old)
-            staging.rename(out)
+            try:
+                staging.rename(out)
+            except OSError:
+                old.rename(out)  # keep the previous index rather than none
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             staging.rename(out)
@@ -901,7 +879,7 @@ def load_index(index_dir: str | Path) -> LoadedIndex:
     for path, key in ((index_path, "index_sha256"), (ids_path, "ids_sha256")):
         if not path.is_file():
             raise ArtifactError(f"{path}: missing from the index folder; rebuild the index")
-        if _sha256(path) != files.get(key):
+        if file_sha256(path) != files.get(key):
             raise ArtifactError(
                 f"{path}: corrupt (its sha256 differs from the manifest's); rebuild the index"
             )

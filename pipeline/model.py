@@ -20,7 +20,7 @@ from torchvision.models import AlexNet_Weights, alexnet
 
 from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from pipeline.errors import ConfigError, ProvenanceMismatch, WeightsError
-from pipeline.provenance import LAYER_WIDTHS, Preprocessing, Provenance
+from pipeline.provenance import LAYER_WIDTHS, Preprocessing, Provenance, file_sha256
 
 IMAGENET_WEIGHTS = AlexNet_Weights.IMAGENET1K_V1
 # Number of classifier modules kept for each layer: (Dropout, Linear, ReLU) per FC layer.
@@ -107,11 +107,7 @@ def _imagenet_weights_file() -> Path:
 
 
 def _verified_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 22), b""):
-            digest.update(chunk)
-    sha256 = digest.hexdigest()
+    sha256 = file_sha256(path)
     match = _HASH_IN_NAME.search(path.name)
     if match and not sha256.startswith(match.group(1)):
         raise WeightsError(

@@ -8,7 +8,9 @@ feature spaces. `schema_version` refuses data written by a newer, incompatible r
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -23,6 +25,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 LAYER_WIDTHS = {"fc7": 4096, "fc6": 4096, "pool5": 9216}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 4 MiB chunks (weights, index and model files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class Preprocessing(BaseModel):

@@ -266,6 +266,13 @@ class SimilarityIndex:
                 raise ArtifactError(
                     f"this index cannot give back stored vectors and its source is gone: {err}"
                 ) from None
+            # The vectors must be the ones indexed: same features, same files.
+            self.provenance.require_compatible(data.provenance, "this index", source["uri"])
+            if data.fingerprint() != source["fingerprint"]:
+                raise ArtifactError(
+                    f"{source['uri']} changed since it was indexed, and this index cannot give "
+                    f"back stored vectors; rebuild the index"
+                )
             table = data.dataset.to_table(
                 columns=["id", "embedding"],
                 filter=pads.field("id").isin(wanted) & pads.field("error").is_null(),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ from pydantic import Field, field_validator
 
 from pipeline import __version__
 from pipeline.classify import Classifier
-from pipeline.config import JobConfig, add_option, load_config, new_parser
+from pipeline.config import JobConfig, add_option, load_config, new_parser, parse_size
 from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
 from pipeline.errors import ArtifactError, ConfigError, PipelineError
 from pipeline.model import Embedder
@@ -55,27 +54,6 @@ K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 OFFSET = Annotated[int, Query(ge=0, le=MAX_K, description="results to skip (paging)")]
 TOP = Annotated[int, Query(ge=1, le=100, description="classes in a prediction")]
 IMAGE = Annotated[UploadFile, File(description="an image file")]
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-
-
-def parse_size(text: str | int) -> int:
-    """A byte count from `20MB`, `512KiB`, `1.5G` or a plain integer (KB/MB/GB are powers of 10).
-
-    Raises:
-        ValueError: not a size.
-
-    Example:
-        >>> parse_size("20MB"), parse_size("1KiB"), parse_size(300)
-        (20000000, 1024, 300)
-    """
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(str(text))
-    if not match:
-        raise ValueError(f"{text!r} is not a size like 20MB, 512KiB or 1000000")
-    unit = (match.group(2) or "").lower().removesuffix("b")
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 class ServeConfig(JobConfig):
@@ -89,7 +67,7 @@ class ServeConfig(JobConfig):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     thumbnail_size: int = Field(192, ge=16, le=1024)
     device: Literal["auto", "cpu", "gpu"] = "auto"
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("max_upload", mode="before")
     @classmethod

@@ -150,11 +150,15 @@ def _read_manifest(fs: pafs.FileSystem, path: str, prefix: str) -> Iterator[Inpu
 
     where = prefix + path
     if path.lower().endswith(".txt"):
-        with fs.open_input_stream(path) as stream:
-            for line in stream.read().decode("utf-8").splitlines():
-                item = line.strip()
-                if item and not item.startswith("#"):
-                    yield InputImage(id=item, path=located(item), label=None)
+        try:
+            with fs.open_input_stream(path) as stream:
+                lines = stream.read().decode("utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise SourceError(f"{where}: cannot read manifest: {err}") from err
+        for line in lines:
+            item = line.strip()
+            if item and not item.startswith("#"):
+                yield InputImage(id=item, path=located(item), label=None)
         return
     for batch in _manifest_batches(fs, path, where):
         rows = batch.to_pydict()

@@ -119,7 +119,10 @@ class EmbeddingDataset:
             raise ArtifactError(f"{uri}: holds no Parquet part files (did the extraction run?)")
         provenance = None
         for file in files:
-            metadata = pq.read_schema(file, filesystem=fs).metadata or {}
+            try:
+                metadata = pq.read_schema(file, filesystem=fs).metadata or {}
+            except (OSError, pa.ArrowInvalid) as err:
+                raise ArtifactError(f"{file}: not a readable Parquet file: {err}") from err
             if PARQUET_METADATA_KEY not in metadata:
                 raise ArtifactError(f"{file}: not an fc7 embeddings file (no provenance metadata)")
             found = Provenance.from_json(metadata[PARQUET_METADATA_KEY], where=file)

@@ -11,7 +11,9 @@ import yaml
 
 from jobs.build_index import main as index_main
 from pipeline import index as fx
+from pipeline.config import parse_size
 from pipeline.errors import ArtifactError, ConfigError, OutputError, ProvenanceMismatch
+from pipeline.provenance import file_sha256
 from pipeline.search import SimilarityIndex
 from pipeline.store import EmbeddingDataset
 from tests.conftest import REPO, clustered_vectors, test_provenance, write_embeddings
@@ -142,7 +144,7 @@ def test_auto_follows_size_and_memory_budget() -> None:
 
 
 def parse(text: str) -> int:
-    return fx.parse_memory(text)
+    return parse_size(text)
 
 
 def test_bad_kind_pca_and_memory_are_config_errors() -> None:
@@ -150,9 +152,9 @@ def test_bad_kind_pca_and_memory_are_config_errors() -> None:
         fx.plan_index("IVFbogus", 1000, DIM, "cosine")
     with pytest.raises(ConfigError, match="--pca 128"):
         fx.plan_index("flat", 1000, DIM, "cosine", pca=128)
-    assert fx.parse_memory("512MiB") == 512 * 1024**2
+    assert parse_size("512MiB") == 512 * 1024**2
     with pytest.raises(ValueError):
-        fx.parse_memory("lots")
+        parse_size("lots")
 
 
 def test_add_appends_only_new_ids_and_matches_a_fresh_build(tmp_path: Path) -> None:
@@ -218,7 +220,7 @@ def test_unreadable_index_file_is_named_even_when_the_manifest_agrees(small_inde
     path = small_index / fx.INDEX_FILE
     path.write_bytes(b"not a faiss index")
     manifest = json.loads((small_index / fx.MANIFEST_FILE).read_text())
-    manifest["files"]["index_sha256"] = fx._sha256(path)
+    manifest["files"]["index_sha256"] = file_sha256(path)
     (small_index / fx.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="not a readable FAISS index"):
         fx.load_index(small_index)

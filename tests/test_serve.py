@@ -28,9 +28,10 @@ from PIL import Image
 from jobs.build_index import main as build_index
 from jobs.train_classifier import main as train_classifier
 from pipeline.classify import Classifier
+from pipeline.config import parse_size
 from pipeline.errors import ArtifactError, ConfigError, ProvenanceMismatch
 from pipeline.model import Embedder, load_weights
-from pipeline.serve import background_server, create_app, main, parse_size
+from pipeline.serve import background_server, create_app, main
 from pipeline.sources import iter_inputs
 from pipeline.store import EmbeddingDataset, build_table, embeddings_to_numpy, resolve
 from pipeline.store import write_table_atomically as write_atomically
