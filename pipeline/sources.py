@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -66,9 +66,9 @@ def iter_inputs(source: str) -> Iterator[InputImage]:
     if info.type == pafs.FileType.Directory and isinstance(fs, pafs.LocalFileSystem):
         yield from _walk_local_folder(path)
     elif info.type == pafs.FileType.Directory:
-        yield from _walk_folder(fs, path, _uri_prefix(source, path))
+        yield from _walk_folder(fs, path, _uri_builder(source))
     elif info.type == pafs.FileType.File and path.lower().endswith(MANIFEST_EXTENSIONS):
-        yield from _read_manifest(fs, path, _uri_prefix(source, path))
+        yield from _read_manifest(fs, path, _uri_builder(source))
     elif info.type == pafs.FileType.NotFound:
         raise SourceError(f"{source}: no such folder or manifest file")
     else:
@@ -87,9 +87,14 @@ def read_image_bytes(path: str) -> bytes:
         return stream.read()
 
 
-def _uri_prefix(source: str, path: str) -> str:
-    """What to put before a file-system path to rebuild the full URI ("s3://" and the like)."""
-    return source[: source.index("://") + 3] if "://" in source else ""
+def _uri_builder(source: str) -> Callable[[str], str]:
+    """Turns a file-system path back into what `read_image_bytes` opens: the source's scheme and
+    query (`?endpoint_override=...&region=...`) around it. Local paths stay as they are."""
+    if "://" not in source:
+        return lambda path: path
+    scheme = source[: source.index("://")]
+    query = source.partition("?")[2]
+    return lambda path: f"{scheme}://{path}" + (f"?{query}" if query else "")
 
 
 def _image_entry(relative: str, path: str) -> InputImage | None:
@@ -124,31 +129,35 @@ def _walk_local_folder(root: str) -> Iterator[InputImage]:
     yield from visit(root, "")
 
 
-def _walk_folder(fs: pafs.FileSystem, root: str, prefix: str) -> Iterator[InputImage]:
+def _walk_folder(
+    fs: pafs.FileSystem, root: str, uri: Callable[[str], str]
+) -> Iterator[InputImage]:
     def visit(folder: str, relative: str) -> Iterator[InputImage]:
         try:
             entries = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
         except OSError as err:
-            raise SourceError(f"{prefix}{folder}: cannot list folder: {err}") from err
+            raise SourceError(f"{uri(folder)}: cannot list folder: {err}") from err
         for entry in sorted(entries, key=lambda e: e.base_name):
             rel = f"{relative}{entry.base_name}"
             if entry.type == pafs.FileType.Directory:
                 yield from visit(entry.path, rel + "/")
-            elif (image := _image_entry(rel, prefix + entry.path)) is not None:
+            elif (image := _image_entry(rel, uri(entry.path))) is not None:
                 yield image
 
     yield from visit(root, "")
 
 
-def _read_manifest(fs: pafs.FileSystem, path: str, prefix: str) -> Iterator[InputImage]:
+def _read_manifest(
+    fs: pafs.FileSystem, path: str, uri: Callable[[str], str]
+) -> Iterator[InputImage]:
     folder = posixpath.dirname(path)
 
     def located(item: str) -> str:
         if "://" in item or posixpath.isabs(item):
             return item
-        return prefix + posixpath.normpath(posixpath.join(folder, item))
+        return uri(posixpath.normpath(posixpath.join(folder, item)))
 
-    where = prefix + path
+    where = uri(path)
     if path.lower().endswith(".txt"):
         try:
             with fs.open_input_stream(path) as stream:
