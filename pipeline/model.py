@@ -63,8 +63,9 @@ def load_weights(spec: str) -> Weights:
     """
     spec = parse_weights_spec(spec)
     if spec.startswith("random:"):
-        torch.manual_seed(int(spec.partition(":")[2]))
-        state_dict = alexnet(weights=None).state_dict()
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+            torch.manual_seed(int(spec.partition(":")[2]))
+            state_dict = alexnet(weights=None).state_dict()
         digest = hashlib.sha256()
         for name, tensor in state_dict.items():
             digest.update(name.encode())
