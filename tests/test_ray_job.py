@@ -12,6 +12,9 @@ import pytest
 import ray
 from conftest import REPO
 
+from pipeline.classify import Classifier
+from pipeline.search import SimilarityIndex
+
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -23,7 +26,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not shutil.which(RAY), reason="the ray command is not installed")
-def test_ray_job_submit_runs_extraction_on_a_started_head(tmp_path):
+def test_ray_job_submit_runs_extract_index_and_train_on_a_started_head(tmp_path):
     # `ray stop` ends every Ray on this machine, so let go of this process's own first.
     ray.shutdown()
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(RAY).parent}:{os.environ['PATH']}")
@@ -35,16 +38,26 @@ def test_ray_job_submit_runs_extraction_on_a_started_head(tmp_path):
          "--disable-usage-stats"],
         env=env, check=True, capture_output=True, timeout=180,
     )
-    try:
-        out = tmp_path / "embeddings"
+    def submit(*job_args: str) -> str:
         job = subprocess.run(
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-             "--working-dir", str(REPO), "--", "python", "jobs/extract.py",
-             str(REPO / "examples/images"), "--out", str(out), "--weights", "random:0"],
+             "--working-dir", str(REPO), "--", "python", *job_args],
             env=env, capture_output=True, text=True, timeout=600,
         )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "embedded 12, failed 0" in job.stdout
+        return job.stdout
+
+    try:
+        out = tmp_path / "embeddings"
+        logs = submit("jobs/extract.py", str(REPO / "examples/images"), "--out", str(out),
+                      "--weights", "random:0")
+        assert "embedded 12, failed 0" in logs
         assert pq.read_table(out).num_rows == 12
+        submit("jobs/build_index.py", str(out), "--out", str(tmp_path / "index"))
+        assert SimilarityIndex.open(tmp_path / "index").manifest["count"] == 12
+        submit("jobs/train_classifier.py", str(out), "--out", str(tmp_path / "classifier"),
+               "--test-size", "0.34")
+        assert Classifier.load(tmp_path / "classifier").classes == [
+            "airplanes", "dalmatian", "sunflower"]
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
