@@ -31,7 +31,7 @@ def parse(argv: list[str] | None) -> IndexConfig:
     )
     parser.add_argument("embeddings", help="extraction output folder or URI (fc7 extract --out)")
     C = IndexConfig
-    parser.add_argument("--out", help="index folder to write (local) (default: none, required)")
+    add_option(parser, "--out", C, "index folder to write (local)")
     add_option(
         parser,
         "--kind",
@@ -111,50 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         result = index.add_to_index(config, data, report)
     else:
         result = index.build_index(config, data, report)
-    print(summary(config, result))
+    print(index.summary(config, result))
     return 0
-
-
-def summary(config: IndexConfig, result: index.BuildResult) -> str:
-    m = result.manifest
-    pca = f"PCA {m['pca']['dim']}" if m["pca"] else "no PCA"
-    skipped = "already in the index" if config.add else "duplicate ids"
-    steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items() if k != "total")
-    lines = [
-        f"{'added' if config.add else 'indexed'} {result.added:,} rows from {config.embeddings}"
-        f" ({result.skipped_errors:,} skipped with errors, {result.skipped_duplicates:,} "
-        f"{skipped}) -> {config.out} ({m['count']:,} vectors)",
-        f"  kind {m['kind']} ({m['factory']}), metric {m['metric']}, dim {m['dim']}, {pca}",
-        f"  time {result.seconds['total']:.1f} s"
-        + (f" ({steps})" if steps else "")
-        + (" on GPU" if result.on_gpu else ""),
-        f"  memory: index file {index._size(m['index_bytes'])}, "
-        f"peak RSS {index._size(index.peak_rss())}",
-    ]
-    params = ", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "exact"
-    note = (
-        ""
-        if config.add
-        else (
-            ""
-            if result.evaluation.reached_target
-            else f"  (target {m['target_recall']} NOT reached)"
-        )
-    )
-    lines.append(
-        f"  recall@10 {m['recall_at_10']:.3f} vs exact search on {m['recall_queries']:,} "
-        f"held-out queries at {params}{note}"
-        + (
-            f" (measured at {m['recall_measured_at_count']:,} vectors, before --add)"
-            if config.add
-            else ""
-        )
-    )
-    lines.append(
-        f"  latency: {m['queries_per_second']:,.0f} queries/s batched, "
-        f"{m['latency_ms']:.2f} ms per single query"
-    )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

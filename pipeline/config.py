@@ -52,11 +52,12 @@ def add_option(
     field: str | None = None,
     **kwargs: Any,
 ) -> None:
-    """Add `flag` for `model.field`, its help ending with `(default: X)` read from the model."""
+    """Add `flag` for `model.field`, its help ending with `(default: X)` read from the model
+    (`(default: required)` for a field without default, which YAML may also provide)."""
     name = field or flag.lstrip("-").replace("-", "_")
     info = model.model_fields[name]
     default = info.default
-    shown = "none" if default is None else default
+    shown = "required" if info.is_required() else "none" if default is None else default
     if isinstance(default, bool) and kwargs.get("action") == "store_true":
         shown = "off" if not default else "on"
     if isinstance(default, list):

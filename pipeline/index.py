@@ -921,3 +921,46 @@ def load_index(index_dir: str | Path) -> LoadedIndex:
         manifest,
         provenance,
     )
+
+
+def summary(config: IndexConfig, result: BuildResult) -> str:
+    """The lines `fc7 index` prints at the end of a build or an --add."""
+    m = result.manifest
+    pca = f"PCA {m['pca']['dim']}" if m["pca"] else "no PCA"
+    skipped = "already in the index" if config.add else "duplicate ids"
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items() if k != "total")
+    lines = [
+        f"{'added' if config.add else 'indexed'} {result.added:,} rows from {config.embeddings}"
+        f" ({result.skipped_errors:,} skipped with errors, {result.skipped_duplicates:,} "
+        f"{skipped}) -> {config.out} ({m['count']:,} vectors)",
+        f"  kind {m['kind']} ({m['factory']}), metric {m['metric']}, dim {m['dim']}, {pca}",
+        f"  time {result.seconds['total']:.1f} s"
+        + (f" ({steps})" if steps else "")
+        + (" on GPU" if result.on_gpu else ""),
+        f"  memory: index file {_size(m['index_bytes'])}, "
+        f"peak RSS {_size(peak_rss())}",
+    ]
+    params = ", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "exact"
+    note = (
+        ""
+        if config.add
+        else (
+            ""
+            if result.evaluation.reached_target
+            else f"  (target {m['target_recall']} NOT reached)"
+        )
+    )
+    lines.append(
+        f"  recall@10 {m['recall_at_10']:.3f} vs exact search on {m['recall_queries']:,} "
+        f"held-out queries at {params}{note}"
+        + (
+            f" (measured at {m['recall_measured_at_count']:,} vectors, before --add)"
+            if config.add
+            else ""
+        )
+    )
+    lines.append(
+        f"  latency: {m['queries_per_second']:,.0f} queries/s batched, "
+        f"{m['latency_ms']:.2f} ms per single query"
+    )
+    return "\n".join(lines)
