@@ -31,7 +31,13 @@ from pydantic import PositiveInt, field_validator
 
 from pipeline.config import JobConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from pipeline.errors import ArtifactError, OutputError, ProvenanceMismatch, SourceError
+from pipeline.errors import (
+    ArtifactError,
+    OutputError,
+    PipelineError,
+    ProvenanceMismatch,
+    SourceError,
+)
 from pipeline.model import Embedder, load_weights, parse_weights_spec
 from pipeline.provenance import Provenance
 from pipeline.sources import (
@@ -434,7 +440,14 @@ def run_shards(
     while in_flight:
         (ready,), _ = ray.wait(list(in_flight), num_returns=1)
         actor = in_flight.pop(ready)
-        stats = ray.get(ready)
+        try:
+            stats = ray.get(ready)
+        except ray.exceptions.RayError as err:
+            # Ray already retried the shard; what is done stays done for the next run.
+            raise PipelineError(
+                f"a worker failed on a shard, also when retried ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[-1]}); run the same command again to resume"
+            ) from err
         total.merge(stats)
         on_shard_done(stats, total)
         submit(actor)

@@ -14,8 +14,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from conftest import REPO, hostile_corpus, jpeg_bytes, write_labelled_folder
+from conftest import REPO, hostile_corpus, jpeg_bytes
 
 from jobs.extract import main as extract
 from pipeline.decode import decode_image
@@ -176,9 +175,3 @@ def test_cli_exit_codes_and_messages(tmp_path):
     assert unwritable.returncode == 1 and "cannot write here" in unwritable.stderr
     helptext = subprocess.run([*fc7, "extract", "--help"], capture_output=True, text=True)
     assert helptext.returncode == 0 and "(default: fc7)" in helptext.stdout
-
-
-def test_labelled_folder_helper_makes_distinct_images(tmp_path):
-    folder = write_labelled_folder(tmp_path, classes=2, per_class=2)
-    data = {p.read_bytes() for p in folder.rglob("*.jpg")}
-    assert len(data) == 4 and torch.tensor(1)  # distinct files
