@@ -99,7 +99,9 @@ def _describe(err: ValidationError, config_path: str | None) -> str:
         field = ".".join(str(part) for part in item["loc"]) or "config"
         flag = "--" + field.replace("_", "-")
         given = item.get("input")
-        if item["type"] == "extra_forbidden":
+        if not item["loc"]:  # a check across options: its message names them
+            problems.append(item["msg"].removeprefix("Value error, "))
+        elif item["type"] == "extra_forbidden":
             where = f" in {config_path}" if config_path else ""
             problems.append(f"unknown option '{field}'{where}")
         elif item["type"] == "missing":

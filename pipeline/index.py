@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline import __version__
 from pipeline.config import JobConfig, parse_size
@@ -147,6 +147,16 @@ class IndexConfig(JobConfig):
         if "://" in value:
             raise ValueError("the index folder must be a local path (FAISS writes local files)")
         return value
+
+
+    @model_validator(mode="after")
+    def _add_keeps_the_index(self) -> IndexConfig:
+        # --add appends to an index as it was built; other settings would be silently ignored.
+        given = self.model_fields_set & {"kind", "metric", "pca", "whiten", "train_sample"}
+        if self.add and given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given))
+            raise ValueError(f"--add keeps the index's own settings; drop {flags}")
+        return self
 
 
 def machine_memory() -> int:

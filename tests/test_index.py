@@ -282,3 +282,9 @@ def test_openblas_core_type_from_cpu_flags() -> None:
     assert fx.openblas_coretype("flags\t: fpu sse4_2 avx2 fma") == "Haswell"
     assert fx.openblas_coretype("flags\t: fpu sse4_2") is None
     assert fx.openblas_coretype("processor : 0") is None
+
+
+def test_add_refuses_settings_it_would_ignore(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--add keeps the index's own settings; drop --kind"):
+        index_main([str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--add",
+                    "--kind", "hnsw"])
