@@ -1,6 +1,7 @@
 """`ray job submit` against a real Ray head started with `ray start`, as on a cluster."""
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -29,7 +30,10 @@ def _free_port() -> int:
 def test_ray_job_submit_runs_extract_index_and_train_on_a_started_head(tmp_path):
     # `ray stop` ends every Ray on this machine, so let go of this process's own first.
     ray.shutdown()
-    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(RAY).parent}:{os.environ['PATH']}")
+    # Ray 2.60's head wants token authentication; a fresh machine has no ~/.ray/auth_token, so
+    # this cluster gets its own token, shared with its clients through the environment.
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               PATH=f"{Path(RAY).parent}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     dashboard = _free_port()
     subprocess.run(
