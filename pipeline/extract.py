@@ -149,6 +149,10 @@ def prepare_output(config: ExtractConfig, provenance: Provenance) -> Plan | None
     if existing.type != pafs.FileType.File:
         _require_no_parts(fs, out, config.out)
         return None
+    if config.overwrite:
+        remove_output(fs, out)
+        fs.create_dir(f"{out}/{PLAN_FOLDER}", recursive=True)
+        return None
     try:
         with fs.open_input_stream(plan_json) as stream:
             recorded = json.loads(stream.read())
@@ -164,10 +168,6 @@ def prepare_output(config: ExtractConfig, provenance: Provenance) -> Plan | None
         raise ArtifactError(
             f"{plan_json}: unreadable run plan ({err!r}); pass --overwrite to start again"
         ) from err
-    if config.overwrite:
-        remove_output(fs, out)
-        fs.create_dir(f"{out}/{PLAN_FOLDER}", recursive=True)
-        return None
     diffs = plan.provenance.differences(provenance)
     if plan.provenance.dtype != provenance.dtype:
         diffs.append(f"dtype: {plan.provenance.dtype} vs {provenance.dtype}")

@@ -18,7 +18,7 @@ from conftest import REPO, hostile_corpus, jpeg_bytes
 
 from jobs.extract import main as extract
 from pipeline.decode import decode_image
-from pipeline.errors import OutputError, ProvenanceMismatch, SourceError
+from pipeline.errors import ArtifactError, OutputError, ProvenanceMismatch, SourceError
 from pipeline.model import Embedder, load_weights
 from pipeline.provenance import PARQUET_METADATA_KEY
 from pipeline.store import EmbeddingDataset, embeddings_to_numpy
@@ -125,6 +125,12 @@ def test_overwrite_replaces_an_output_made_differently(tmp_path, labelled_images
                     "--layer", "pool5", "--overwrite"]) == 0
     table = pq.read_table(out)
     assert table.num_rows == 12 and table.schema.field("embedding").type.list_size == 9216
+    (out / "_plan/plan.json").write_text("{ truncated")  # e.g. a disk that filled up
+    with pytest.raises(ArtifactError, match="unreadable run plan"):
+        extract([str(labelled_images), "--out", str(out), "--weights", "random:0"])
+    assert extract([str(labelled_images), "--out", str(out), "--weights", "random:0",
+                    "--limit", "3", "--overwrite"]) == 0
+    assert pq.read_table(out).num_rows == 3
 
 
 def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
