@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -274,19 +274,27 @@ def _chunks(items: Iterable[InputImage], size: int, limit: int | None) -> Iterat
 # --- embedding a shard -----------------------------------------------------------------------
 
 
-def _load_and_decode(item: dict, embedder: Embedder, max_pixels: int) -> tuple:
-    """(tensor or None, error or None, sha256, width, height) for one input row."""
+class DecodedRow(NamedTuple):
+    """One input after reading and decoding: a tensor, or the error that stopped it."""
+
+    tensor: torch.Tensor | None
+    error: str | None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+def _load_and_decode(item: dict, embedder: Embedder, max_pixels: int) -> DecodedRow:
     try:
         data = read_image_bytes(item["path"])
     except (OSError, ValueError) as err:  # ValueError: a URI scheme pyarrow does not know
-        reason = getattr(err, "strerror", None) or err
-        return None, f"cannot read file: {reason}", None, None, None
+        return DecodedRow(None, f"cannot read file: {getattr(err, 'strerror', None) or err}")
     sha256 = hashlib.sha256(data).hexdigest()
     try:
         tensor, width, height = decode_image(data, embedder.preprocessing, max_pixels)
     except ImageDecodeError as err:
-        return None, str(err), sha256, None, None
-    return tensor, None, sha256, width, height
+        return DecodedRow(None, str(err), sha256)
+    return DecodedRow(tensor, None, sha256, width, height)
 
 
 class ShardEmbedder:
@@ -322,16 +330,18 @@ class ShardEmbedder:
             lambda row: _load_and_decode(row, self.embedder, self.config.max_pixels), rows
         )
         embeddings = np.zeros((len(rows), self.plan.provenance.dim), dtype=np.float32)
-        results, batch = [], []
-        for index, result in enumerate(decoded):
-            results.append(result[1:])
-            if result[0] is not None:
-                batch.append((index, result[0]))
-            if len(batch) == self.config.batch_size or (index == len(rows) - 1 and batch):
-                positions = [position for position, _ in batch]
-                embeddings[positions] = self.embedder(torch.stack([t for _, t in batch]))
+        results: list[DecodedRow] = []
+        batch: list[int] = []  # positions of decoded rows waiting for the model
+        for position, result in enumerate(decoded):
+            results.append(result)
+            if result.tensor is not None:
+                batch.append(position)
+            if batch and (len(batch) == self.config.batch_size or position == len(rows) - 1):
+                embeddings[batch] = self.embedder(torch.stack([results[i].tensor for i in batch]))
+                for i in batch:  # the tensor is in `embeddings` now; free its memory
+                    results[i] = results[i]._replace(tensor=None)
                 batch = []
-        errors = [result[0] for result in results]
+        errors = [result.error for result in results]
         table = build_table(
             self.plan.provenance,
             [row["id"] for row in rows],
@@ -339,9 +349,9 @@ class ShardEmbedder:
             [row["label"] for row in rows],
             embeddings,
             errors,
-            [result[1] for result in results],
-            [result[2] for result in results],
-            [result[3] for result in results],
+            [result.sha256 for result in results],
+            [result.width for result in results],
+            [result.height for result in results],
         )
         write_table_atomically(table, fs, self.plan.part_file(shard))
         failures = [error for error in errors if error is not None]
