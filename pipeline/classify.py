@@ -730,6 +730,27 @@ def train(config: TrainConfig) -> Classifier:
     return classifier
 
 
+def _holdout(config: TrainConfig, rows: np.ndarray, y: np.ndarray, classes: int) -> tuple:
+    """A stratified train/test split of `rows` (vectors or ids) and `y`, and its protocol.
+
+    Raises:
+        ConfigError: some class cannot have a row on both sides.
+    """
+    try:
+        rows_train, rows_test, y_train, y_test = train_test_split(
+            rows, y, test_size=config.test_size, stratify=y, random_state=config.seed
+        )
+    except ValueError as err:
+        raise ConfigError(_split_problem(config, len(y), classes, err)) from None
+    protocol = {
+        "kind": "stratified-holdout",
+        "test_size": config.test_size,
+        "seed": config.seed,
+        "final_model": "trained on the training split",
+    }
+    return rows_train, rows_test, y_train, y_test, protocol
+
+
 def _split_problem(config: TrainConfig, rows: int, classes: int, err: ValueError) -> str:
     return (
         f"--test-size {config.test_size}: cannot split {rows} rows of {classes} classes with "
@@ -814,18 +835,7 @@ def _train_in_memory(
             if len(y_test) == 0:
                 raise ConfigError(f"--test {test_data.uri}: no labelled rows of a known class")
         else:
-            try:
-                x_train, x_test, y_train, y_test = train_test_split(
-                    x, y, test_size=config.test_size, stratify=y, random_state=config.seed
-                )
-            except ValueError as err:
-                raise ConfigError(_split_problem(config, len(y), len(classes), err)) from None
-            protocol = {
-                "kind": "stratified-holdout",
-                "test_size": config.test_size,
-                "seed": config.seed,
-                "final_model": "trained on the training split",
-            }
+            x_train, x_test, y_train, y_test, protocol = _holdout(config, x, y, len(classes))
         if config.classifier == "knn" and not config.search and config.neighbors > len(y_train):
             raise ConfigError(
                 f"--neighbors {config.neighbors}: more than the {len(y_train)} training rows"
@@ -912,24 +922,10 @@ def _train_streaming(
     kept_ids = np.array(ids, dtype=object)[keep]
     y_all = np.array([index[label] for label in labels_array[keep]], dtype=np.int64)
     if test_data is None:
-        try:
-            train_ids, test_ids, y_train, _ = train_test_split(
-                kept_ids,
-                y_all,
-                test_size=config.test_size,
-                stratify=y_all,
-                random_state=config.seed,
-            )
-        except ValueError as err:
-            raise ConfigError(_split_problem(config, len(y_all), len(classes), err)) from None
-        protocol = {
-            "kind": "stratified-holdout",
-            "test_size": config.test_size,
-            "seed": config.seed,
-            "final_model": "trained on the training split",
-            "out_of_core": True,
-            "epochs": config.epochs,
-        }
+        train_ids, test_ids, y_train, _, protocol = _holdout(
+            config, kept_ids, y_all, len(classes)
+        )
+        protocol.update(out_of_core=True, epochs=config.epochs)
     else:
         train_ids, test_ids, y_train = kept_ids, None, y_all
         protocol = {
