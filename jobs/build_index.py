@@ -97,7 +97,13 @@ def parse(argv: list[str] | None) -> IndexConfig:
         "append rows whose ids are not yet in --out, without retraining",
         action="store_true",
     )
-    add_option(parser, "--overwrite", C, "replace an existing index at --out", action="store_true")
+    add_option(
+        parser,
+        "--overwrite",
+        C,
+        "replace the fc7 index at --out (refused if the folder holds anything else)",
+        action="store_true",
+    )
     return load_config(IndexConfig, parser.parse_args(argv))
 
 

@@ -56,8 +56,13 @@ def parse(argv):
     add_option(parser, "--shard-size", ExtractConfig, "images per output part file", type=int)
     add_option(parser, "--max-pixels", ExtractConfig, "refuse images larger than this "
                "(width x height, read from the header before decoding)", type=int)
-    add_option(parser, "--overwrite", ExtractConfig, "replace an existing output made with "
-               "other settings", action="store_true")
+    add_option(parser, "--max-bytes", ExtractConfig, "refuse files larger than this, e.g. "
+               "512MiB (only regular files are read: never devices or FIFOs)", metavar="SIZE")
+    add_option(parser, "--decode-memory", ExtractConfig, "memory the decodes of one worker may "
+               "hold at once, e.g. 2GiB; an image that needs more is an error row",
+               metavar="SIZE")
+    add_option(parser, "--overwrite", ExtractConfig, "replace an fc7 output made with other "
+               "settings; deletes only the files fc7 wrote there", action="store_true")
     return load_config(ExtractConfig, parser.parse_args(argv))
 
 

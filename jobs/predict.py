@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     option("--top-k", "best labels kept per row", type=int, metavar="K")
     option("--batch-size", "rows per Parquet batch", type=int)
     option("--device", "auto, cpu or cuda, for --image")
-    option("--overwrite", "replace predictions already in --out", action="store_true")
+    option(
+        "--overwrite",
+        "replace the predictions in --out (deletes only fc7 prediction parts)",
+        action="store_true",
+    )
     return parser
 
 

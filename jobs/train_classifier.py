@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     option("--batch-size", "rows per Parquet batch read", type=int)
     option("--top-k", "k of the top-k accuracy", type=int)
     option("--seed", "seed of splits and estimators", type=int)
-    option("--overwrite", "replace a classifier already in --out", action="store_true")
+    option(
+        "--overwrite",
+        "replace the classifier in --out (only fc7's own files there)",
+        action="store_true",
+    )
     return parser
 
 

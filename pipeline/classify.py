@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 from sklearn.base import clone
@@ -50,8 +52,11 @@ from pipeline.config import JobConfig
 from pipeline.errors import ArtifactError, ConfigError, OutputError
 from pipeline.provenance import PARQUET_METADATA_KEY, Provenance, file_sha256
 from pipeline.store import (
+    TEMPORARY_NAME,
     EmbeddingDataset,
+    describe_entries,
     embeddings_to_numpy,
+    foreign_entries,
     resolve,
     write_table_atomically,
 )
@@ -64,6 +69,11 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 CONFUSION_FILE = "confusion_matrix.png"
 PREDICTIONS_METADATA_KEY = b"fc7.classifier"
+# Everything fc7 writes in a classifier folder; --overwrite replaces these and nothing else.
+CLASSIFIER_FILES = (MODEL_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE)
+CLASSIFIER_KIND = "fc7-classifier"
+# The names of prediction parts (write order, 5 digits or more).
+PREDICTION_PART = re.compile(r"part-\d{5,}\.parquet")
 # skops refuses any type outside its defaults (numpy, scikit-learn estimators) unless listed
 # here. The list is fixed in code, never read from the model folder, so a tampered folder
 # cannot widen it.
@@ -548,17 +558,26 @@ class Classifier:
         return results, errors
 
     def save(self, model_dir: str | Path, training: dict[str, Any]) -> None:
-        """Write `model.skops` and `manifest.json` into `model_dir`."""
+        """Write `model.skops` and `manifest.json` into `model_dir`, replacing those files.
+
+        Raises:
+            OutputError: `model_dir` is not empty and not a classifier folder, or cannot be
+                written.
+        """
         import skops.io as sio
 
         folder = Path(model_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".{MODEL_FILE}.tmp"
-        sio.dump(self.model, temporary)
-        os.replace(temporary, folder / MODEL_FILE)
+        check_classifier_out(folder, overwrite=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            temporary = folder / f".{MODEL_FILE}.tmp"
+            sio.dump(self.model, temporary)
+            os.replace(temporary, folder / MODEL_FILE)
+        except OSError as err:
+            raise OutputError(f"--out {folder}: cannot write the classifier: {err}") from err
         self.manifest = {
             "schema_version": SCHEMA_VERSION,
-            "kind": "fc7-classifier",
+            "kind": CLASSIFIER_KIND,
             "classifier": training.get("classifier"),
             "classes": self.classes,
             "score_kind": self.score_kind,
@@ -593,7 +612,7 @@ class Classifier:
             ) from None
         except (OSError, ValueError) as err:
             raise ArtifactError(f"{manifest_path}: unreadable manifest ({err})") from err
-        if not isinstance(manifest, dict) or manifest.get("kind") != "fc7-classifier":
+        if not isinstance(manifest, dict) or manifest.get("kind") != CLASSIFIER_KIND:
             raise ArtifactError(f"{manifest_path}: not an fc7 classifier manifest")
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
@@ -648,9 +667,72 @@ class Classifier:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    _write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    # Written beside and moved into place: a symlink the user put there is replaced, never
+    # followed to overwrite what it points to.
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except OSError as err:
+        raise OutputError(f"--out {path.parent}: cannot write {path.name}: {err}") from err
+
+
+def _is_classifier_folder(folder: Path) -> bool:
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("kind") == CLASSIFIER_KIND
+
+
+def check_classifier_out(out: Path, overwrite: bool) -> None:
+    """Refuse a classifier --out that fc7 must not write into.
+
+    fc7 writes into a new or empty folder, or, with `overwrite`, over a classifier it made,
+    replacing only `CLASSIFIER_FILES` there; anything else in the folder is left alone.
+
+    Raises:
+        OutputError: `out` is not a folder; is not empty and not a classifier folder (with or
+            without `overwrite`; the message lists what it holds); holds a classifier and not
+            `overwrite`; or holds a folder under one of fc7's file names.
+
+    Example:
+        >>> check_classifier_out(Path("out/clf"), overwrite=True)  # doctest: +SKIP
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is not a folder; choose another --out")
+    try:
+        leftovers = {f".{name}.tmp" for name in CLASSIFIER_FILES}  # from a killed run
+        entries = foreign_entries(
+            pafs.LocalFileSystem(), str(out), lambda info: info.base_name in leftovers
+        )
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot list: {err}") from err
+    if not entries:
+        return
+    if not _is_classifier_folder(out):
+        raise OutputError(
+            f"--out {out}: not empty and not an fc7 classifier folder (no valid "
+            f"{MANIFEST_FILE}): holds {describe_entries(entries)}; fc7 writes a classifier "
+            f"only into a new or empty folder or over one it made; choose another --out"
+        )
+    if not overwrite:
+        raise OutputError(
+            f"--out {out}: already holds a classifier; pass --overwrite to replace it (only "
+            f"fc7's own files there are replaced)"
+        )
+    blocked = [name for name in CLASSIFIER_FILES if (out / name).is_dir()]
+    if blocked:
+        raise OutputError(
+            f"--out {out}: {describe_entries(blocked)} is a folder, not a file fc7 wrote; "
+            f"move it away or choose another --out"
+        )
 
 
 # ---------------------------------------------------------------------------- training
@@ -677,20 +759,17 @@ def train(config: TrainConfig) -> Classifier:
     Raises:
         ConfigError: no labels, fewer than 2 usable classes, incompatible options, a label
             column that does not exist, or data too large for the chosen classifier.
-        ArtifactError: unreadable or empty embeddings.
+        ArtifactError: unreadable, damaged or empty embeddings, or a vector no AlexNet layer
+            produces (NaN, infinite, negative); the message names the file and row.
         ProvenanceMismatch: `--test` embeddings made with different features.
-        OutputError: `config.out` already holds a classifier (pass --overwrite).
+        OutputError: `config.out` already holds a classifier (pass --overwrite), or is not
+            empty and not a classifier folder (see `check_classifier_out`).
 
     Example:
         >>> model = train(TrainConfig(embeddings="out/emb", out="out/clf", cv=5))  # doctest: +SKIP
     """
     out = Path(config.out)
-    if (out / MANIFEST_FILE).exists() and not config.overwrite:
-        raise OutputError(
-            f"--out {out}: already holds a classifier; pass --overwrite to replace it"
-        )
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: exists and is not a folder")
+    check_classifier_out(out, config.overwrite)
     data = _open(config.embeddings)
     test_data = _open(config.test) if config.test else None
     if test_data is not None:
@@ -871,21 +950,16 @@ def _stream(
     if rng is None:
         yield from data.batches(columns, batch_size)
         return
-    import pyarrow.dataset as pads
-
-    fragments = list(data.dataset.get_fragments())
+    files = data.files
+    order = [files[i] for i in rng.permutation(len(files))]
     buffer: list[pa.RecordBatch] = []
     buffered = 0
-    for index in rng.permutation(len(fragments)):
-        scanner = fragments[index].scanner(
-            columns=columns, filter=pads.field("error").is_null(), batch_size=batch_size
-        )
-        for batch in scanner.to_batches():
-            buffer.append(batch)
-            buffered += batch.num_rows
-            if buffered >= buffer_rows:
-                yield from _shuffled(buffer, rng, batch_size)
-                buffer, buffered = [], 0
+    for batch in data.batches(columns, batch_size, files=order):
+        buffer.append(batch)
+        buffered += batch.num_rows
+        if buffered >= buffer_rows:
+            yield from _shuffled(buffer, rng, batch_size)
+            buffer, buffered = [], 0
     if buffered:
         yield from _shuffled(buffer, rng, batch_size)
 
@@ -1062,11 +1136,12 @@ def write_report(folder: Path, metrics: dict[str, Any], classes: list[str]) -> N
         f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
         for name, m in worst
     )
-    (folder / REPORT_FILE).write_text(
+    _write_text(
+        folder / REPORT_FILE,
         "# Classifier report\n\n```\n" + summary_text(metrics) + "\n```\n\n"
         f"![confusion matrix]({CONFUSION_FILE})\n\n"
         "## Lowest F1 classes\n\n| class | precision | recall | F1 | support |\n"
-        "|---|---|---|---|---|\n" + table + "\n\nAll numbers: `metrics.json`.\n"
+        "|---|---|---|---|---|\n" + table + "\n\nAll numbers: `metrics.json`.\n",
     )
 
 
@@ -1089,8 +1164,14 @@ def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     axes.set_ylabel("true")
     axes.set_title("confusion matrix (rows normalised)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    temporary = path.with_name(f".{path.name}.tmp")  # see _write_text
+    try:
+        figure.savefig(temporary, dpi=100, format="png")
+        os.replace(temporary, path)
+    except OSError as err:
+        raise OutputError(f"--out {path.parent}: cannot write {path.name}: {err}") from err
+    finally:
+        plt.close(figure)
 
 
 # ---------------------------------------------------------------------------- predicting
@@ -1138,32 +1219,37 @@ def predict_dataset(
 
     Raises:
         ProvenanceMismatch: `data` was made with other features than the classifier's.
-        OutputError: `out` already holds part files (pass `overwrite`).
+        OutputError: `out` already holds predictions (pass `overwrite`, which deletes them and
+            nothing else), or holds anything else (listed): files other than fc7 prediction
+            parts (`part-NNNNN.parquet` with predictions metadata) or folders.
+        ArtifactError: a damaged part file in `data`, or a vector no AlexNet layer produces.
     """
     classifier.provenance.require_compatible(
         data.provenance, mine=f"classifier {model_dir}", theirs=f"embeddings {data.uri}"
     )
     fs, base = resolve(out)
     base = base.rstrip("/")
-    fs.create_dir(base, recursive=True)
-    existing = [
-        info for info in fs.get_file_info(_selector(base)) if info.base_name.startswith("part-")
-    ]
-    for info in existing:
-        # Never delete what is not ours, such as the embeddings themselves.
-        try:
-            metadata = pq.read_schema(info.path, filesystem=fs).metadata or {}
-        except (OSError, pa.ArrowInvalid):
-            metadata = {}
-        if PREDICTIONS_METADATA_KEY not in metadata:
-            raise OutputError(
-                f"--out {out}: holds {info.base_name}, which is not an fc7 predictions file; "
-                f"choose another --out"
-            )
-    if existing and not overwrite:
+    try:
+        fs.create_dir(base, recursive=True)
+        listing = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+        mine = {info.path for info in listing if _is_ours(fs, info)}
+        foreign = foreign_entries(fs, base, lambda info: info.path in mine)
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot create or list: {err}") from err
+    if foreign:
+        # Never delete what is not ours, such as the embeddings themselves or a user's notes.
+        raise OutputError(
+            f"--out {out}: holds what fc7 predict did not write ({describe_entries(foreign)}); "
+            f"fc7 writes predictions only into a new or empty folder or over its own "
+            f"predictions; choose another --out"
+        )
+    if not overwrite and any(PREDICTION_PART.fullmatch(path.rsplit("/", 1)[-1]) for path in mine):
         raise OutputError(f"--out {out}: already holds predictions; pass --overwrite")
-    for info in existing:
-        fs.delete_file(info.path)
+    try:
+        for path in sorted(mine):
+            fs.delete_file(path)
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot replace the old predictions: {err}") from err
     schema = predictions_schema(data.provenance, classifier, model_dir)
     counts = {"rows": 0, "predicted": 0, "errors": 0, "parts": 0}
     columns = ["id", "path", "embedding", "error"]
@@ -1205,7 +1291,17 @@ def predict_dataset(
     return counts
 
 
-def _selector(base: str):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSelector(base, allow_not_found=True)
+def _is_ours(fs: pafs.FileSystem, info: pafs.FileInfo) -> bool:
+    """A predictions part fc7 wrote, or the temporary file of one left by a killed run."""
+    if info.type != pafs.FileType.File:
+        return False
+    temporary = TEMPORARY_NAME.fullmatch(info.base_name)
+    if temporary:
+        return bool(PREDICTION_PART.fullmatch(temporary["name"]))
+    if not PREDICTION_PART.fullmatch(info.base_name):
+        return False
+    try:
+        metadata = pq.read_schema(info.path, filesystem=fs).metadata or {}
+    except (OSError, pa.ArrowException):
+        return False  # unreadable: not provably ours, so not ours to delete
+    return PREDICTIONS_METADATA_KEY in metadata

@@ -15,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +30,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
-from pydantic import PositiveInt, field_validator
+from pydantic import Field, PositiveInt, field_validator
 
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, parse_size
 from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from pipeline.errors import (
     ArtifactError,
@@ -39,16 +42,22 @@ from pipeline.errors import (
     SourceError,
 )
 from pipeline.model import Embedder, load_weights, parse_weights_spec
-from pipeline.provenance import Provenance
+from pipeline.provenance import PARQUET_METADATA_KEY, Provenance
 from pipeline.sources import (
     IMAGE_EXTENSIONS,
     InputImage,
+    InputReadError,
     normalize_source,
     read_image_bytes,
 )
 from pipeline.store import PART_PREFIX, build_table, resolve, write_table_atomically
 
 PLAN_FOLDER = "_plan"
+PLAN_FILES = ("inputs.parquet", "plan.json")
+# What fc7 writes in --out, and so all that --overwrite may delete there: the part files the
+# plan names, and the hidden temporary files of parts being written.
+PART_NAME = re.compile(rf"{PART_PREFIX}(\d{{5,}})\.parquet")
+PART_TEMPORARY_NAME = re.compile(rf"\.{PART_PREFIX}\d{{5,}}\.parquet\.[0-9a-f]{{32}}\.tmp")
 PLAN_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
 
 
@@ -67,7 +76,15 @@ class ExtractConfig(JobConfig):
     cpus_per_worker: PositiveInt | None = None
     shard_size: PositiveInt = 256
     max_pixels: PositiveInt = DEFAULT_MAX_PIXELS
+    # Sizes as a user writes them, so that --help shows "512MiB"; validated into bytes.
+    max_bytes: int = Field("512MiB", validate_default=True, gt=0)
+    decode_memory: int = Field("2GiB", validate_default=True, gt=0)
     overwrite: bool = False
+
+    @field_validator("max_bytes", "decode_memory", mode="before")
+    @classmethod
+    def _size(cls, value: str | int) -> int:
+        return parse_size(value)
 
     @field_validator("weights")
     @classmethod
@@ -134,40 +151,35 @@ class Plan:
 def prepare_output(config: ExtractConfig, provenance: Provenance) -> Plan | None:
     """Check that `config.out` can take this run; return the plan of an earlier run to resume.
 
+    A new run needs an empty or missing `--out`; a folder holding anything else than an fc7
+    output is refused, `--overwrite` or not, so that fc7 never deletes what it did not write.
+
     Raises:
-        OutputError: `out` is not writable, or holds something else than an fc7 output of the
-            same source (use `--overwrite` or another `--out`).
+        OutputError: `out` is not writable, is not empty and not an fc7 output, or holds an fc7
+            output over another source (use `--overwrite` or another `--out`).
         ProvenanceMismatch: `out` was made with other weights, layer, preprocessing or dtype.
     """
     fs, out = resolve(config.out)
     plan_json = f"{out}/{PLAN_FOLDER}/plan.json"
     try:
-        fs.create_dir(f"{out}/{PLAN_FOLDER}", recursive=True)
-        existing = fs.get_file_info(plan_json)
+        kind = fs.get_file_info(out).type
+        has_plan = fs.get_file_info(plan_json).type == pafs.FileType.File
     except OSError as err:
-        raise OutputError(f"--out {config.out}: cannot write here: {err}") from err
-    if existing.type != pafs.FileType.File:
-        _require_no_parts(fs, out, config.out)
+        raise OutputError(f"--out {config.out}: cannot read: {err}") from err
+    if kind not in (pafs.FileType.Directory, pafs.FileType.NotFound):
+        raise OutputError(f"--out {config.out}: is a file, not a folder; choose a folder")
+    if not has_plan:
+        _require_new_output(fs, out, config.out)
+        _create_plan_folder(fs, out, config.out)
         return None
+    plan, problem = _read_plan(config.out)
     if config.overwrite:
-        remove_output(fs, out)
-        fs.create_dir(f"{out}/{PLAN_FOLDER}", recursive=True)
+        remove_output(fs, out, plan)
+        _create_plan_folder(fs, out, config.out)
         return None
-    try:
-        with fs.open_input_stream(plan_json) as stream:
-            recorded = json.loads(stream.read())
-        plan = Plan(
-            out=config.out,
-            source=recorded["source"],
-            limit=recorded["limit"],
-            inputs=recorded["inputs"],
-            shard_size=recorded["shard_size"],
-            provenance=Provenance.from_json(json.dumps(recorded["provenance"]), where=plan_json),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ArtifactError(
-            f"{plan_json}: unreadable run plan ({err!r}); pass --overwrite to start again"
-        ) from err
+    if plan is None:
+        raise ArtifactError(f"{plan_json}: unreadable run plan ({problem}); pass --overwrite "
+                            "to start again")
     diffs = plan.provenance.differences(provenance)
     if plan.provenance.dtype != provenance.dtype:
         diffs.append(f"dtype: {plan.provenance.dtype} vs {provenance.dtype}")
@@ -184,6 +196,63 @@ def prepare_output(config: ExtractConfig, provenance: Provenance) -> Plan | None
     return plan
 
 
+def _read_plan(out: str) -> tuple[Plan | None, str | None]:
+    """The plan recorded in `out`, or None and what is wrong with it."""
+    fs, path = resolve(out)
+    plan_json = f"{path}/{PLAN_FOLDER}/plan.json"
+    try:
+        with fs.open_input_stream(plan_json) as stream:
+            recorded = json.loads(stream.read())
+        plan = Plan(
+            out=out,
+            source=recorded["source"],
+            limit=recorded["limit"],
+            inputs=recorded["inputs"],
+            shard_size=recorded["shard_size"],
+            provenance=Provenance.from_json(json.dumps(recorded["provenance"]), where=plan_json),
+        )
+    except (OSError, ValueError, KeyError, TypeError, ArtifactError) as err:
+        return None, repr(err)
+    return plan, None
+
+
+def _create_plan_folder(fs: pafs.FileSystem, out: str, shown: str) -> None:
+    try:
+        fs.create_dir(f"{out}/{PLAN_FOLDER}", recursive=True)
+    except OSError as err:
+        raise OutputError(f"--out {shown}: cannot write here: {err}") from err
+
+
+def _require_new_output(fs: pafs.FileSystem, out: str, shown: str) -> None:
+    """Refuse a folder with anything in it but the plan of a run killed while planning."""
+    entries = _list(fs, out)
+    foreign = [
+        info.base_name + ("/" if info.type == pafs.FileType.Directory else "")
+        for info in entries
+        if not (info.base_name == PLAN_FOLDER and info.type == pafs.FileType.Directory)
+    ]
+    planning = next((i for i in entries if i.base_name == PLAN_FOLDER), None)
+    if planning is not None and planning.type == pafs.FileType.Directory:
+        foreign += [
+            f"{PLAN_FOLDER}/{info.base_name}"
+            for info in _list(fs, planning.path)
+            if info.base_name != "inputs.parquet" and not info.base_name.startswith(".plan.json.")
+        ]
+    if foreign:
+        shown_names = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise OutputError(
+            f"--out {shown} is not empty and is not an fc7 extraction output (it holds "
+            f"{shown_names}); fc7 writes only into an empty or new folder: choose another --out"
+        )
+
+
+def _list(fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
+    try:
+        return fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except OSError as err:
+        raise OutputError(f"{folder}: cannot list: {err}") from err
+
+
 def write_plan(
     config: ExtractConfig, provenance: Provenance, inputs: Iterable[InputImage]
 ) -> Plan:
@@ -193,9 +262,11 @@ def write_plan(
     """
     fs, out = resolve(config.out)
     count = 0
-    with pq.ParquetWriter(f"{out}/{PLAN_FOLDER}/inputs.parquet", PLAN_SCHEMA, filesystem=fs) as w:
+    with pq.ParquetWriter(
+        f"{out}/{PLAN_FOLDER}/inputs.parquet", PLAN_SCHEMA, filesystem=fs, write_page_checksum=True
+    ) as writer:
         for chunk in _chunks(inputs, config.shard_size, config.limit):
-            w.write_table(
+            writer.write_table(
                 pa.Table.from_pylist([vars(item) for item in chunk], schema=PLAN_SCHEMA),
                 row_group_size=config.shard_size,
             )
@@ -221,8 +292,11 @@ def write_plan(
         "shard_size": config.shard_size,
         "provenance": json.loads(plan.provenance.to_json()),
     }
-    with fs.open_output_stream(f"{out}/{PLAN_FOLDER}/plan.json") as stream:
+    # Moved into place once whole: a half-written plan.json would need --overwrite.
+    temporary = f"{out}/{PLAN_FOLDER}/.plan.json.{uuid.uuid4().hex}.tmp"
+    with fs.open_output_stream(temporary) as stream:
         stream.write(json.dumps(record, indent=2).encode())
+    fs.move(temporary, f"{out}/{PLAN_FOLDER}/plan.json")
     return plan
 
 
@@ -230,32 +304,51 @@ def pending_shards(plan: Plan) -> list[int]:
     """Shards whose part file is not there yet; also removes temporary files of killed runs."""
     fs, out = resolve(plan.out)
     done = set()
-    for info in fs.get_file_info(pafs.FileSelector(out, recursive=False)):
-        name = info.base_name
-        if name.startswith(f".{PART_PREFIX}") and name.endswith(".tmp"):
+    for info in _list(fs, out):
+        if info.type != pafs.FileType.File:
+            continue
+        if PART_TEMPORARY_NAME.fullmatch(info.base_name):
             fs.delete_file(info.path)
-        elif name.startswith(PART_PREFIX) and name.endswith(".parquet"):
-            done.add(int(name[len(PART_PREFIX) : -len(".parquet")]))
+        elif match := PART_NAME.fullmatch(info.base_name):
+            done.add(int(match.group(1)))
     return [shard for shard in range(plan.shards) if shard not in done]
 
 
-def remove_output(fs: pafs.FileSystem, out: str) -> None:
-    """Delete what fc7 wrote in `out` (part files and the plan), nothing else."""
-    for info in fs.get_file_info(pafs.FileSelector(out, recursive=False)):
-        name = info.base_name.lstrip(".")
-        if name.startswith(PART_PREFIX):
+def remove_output(fs: pafs.FileSystem, out: str, plan: Plan | None) -> None:
+    """Delete what fc7 wrote in `out`, and nothing else.
+
+    That is the part files the plan names, temporary part files, and the plan's own files (its
+    folder too once empty). With an unreadable plan, part files are fc7's when their name is
+    `part-NNNNN.parquet` and their schema carries fc7 provenance. Sub-folders are never entered,
+    other files never touched.
+    """
+    for info in _list(fs, out):
+        if info.type != pafs.FileType.File:
+            continue
+        name = info.base_name
+        part = PART_NAME.fullmatch(name)
+        if PART_TEMPORARY_NAME.fullmatch(name) or (
+            part and (int(part.group(1)) < plan.shards if plan else _is_fc7_part(fs, info.path))
+        ):
             fs.delete_file(info.path)
-        elif info.base_name == PLAN_FOLDER:
-            fs.delete_dir(info.path)
+    plan_folder = f"{out}/{PLAN_FOLDER}"
+    for info in _list(fs, plan_folder):
+        if info.type == pafs.FileType.File and (
+            info.base_name in PLAN_FILES or info.base_name.startswith(".plan.json.")
+        ):
+            fs.delete_file(info.path)
+    if fs.get_file_info(plan_folder).type == pafs.FileType.Directory and not _list(
+        fs, plan_folder
+    ):
+        fs.delete_dir(plan_folder)
 
 
-def _require_no_parts(fs: pafs.FileSystem, out: str, shown: str) -> None:
-    for info in fs.get_file_info(pafs.FileSelector(out, recursive=False)):
-        if info.base_name.startswith(PART_PREFIX):
-            raise OutputError(
-                f"--out {shown} holds part files but no fc7 plan ({PLAN_FOLDER}/plan.json): "
-                f"not an fc7 output, or made by another tool; choose another --out"
-            )
+def _is_fc7_part(fs: pafs.FileSystem, path: str) -> bool:
+    try:
+        metadata = pq.read_schema(path, filesystem=fs).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return False
+    return PARQUET_METADATA_KEY in metadata
 
 
 def _chunks(items: Iterable[InputImage], size: int, limit: int | None) -> Iterator[list]:
@@ -284,16 +377,22 @@ class DecodedRow(NamedTuple):
     height: int | None = None
 
 
-def _load_and_decode(item: dict, embedder: Embedder, max_pixels: int) -> DecodedRow:
+def _load_and_decode(item: dict, embedder: Embedder, config: ExtractConfig) -> DecodedRow:
     try:
-        data = read_image_bytes(item["path"])
-    except (OSError, ValueError) as err:  # ValueError: a URI scheme pyarrow does not know
-        return DecodedRow(None, f"cannot read file: {getattr(err, 'strerror', None) or err}")
+        data = read_image_bytes(item["path"], config.max_bytes)
+    except InputReadError as err:
+        return DecodedRow(None, str(err))
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        tensor, width, height = decode_image(data, embedder.preprocessing, max_pixels)
+        tensor, width, height = decode_image(
+            data, embedder.preprocessing, config.max_pixels, embedder.decode_budget
+        )
     except ImageDecodeError as err:
         return DecodedRow(None, str(err), sha256)
+    except (RuntimeError, MemoryError) as err:
+        # What the decoders raise past the checks (an allocation the estimate missed): this
+        # image fails, the shard and the run go on.
+        return DecodedRow(None, f"cannot decode: {type(err).__name__}: {err}", sha256)
     return DecodedRow(tensor, None, sha256, width, height)
 
 
@@ -309,7 +408,11 @@ class ShardEmbedder:
         self.config = config
         self.plan = plan
         self.embedder = Embedder(
-            load_weights(config.weights), config.layer, config.device, config.dtype
+            load_weights(config.weights),
+            config.layer,
+            config.device,
+            config.dtype,
+            decode_memory=config.decode_memory,
         )
         if self.embedder.weights.sha256 != plan.provenance.weights_sha256:
             raise ProvenanceMismatch(
@@ -324,10 +427,11 @@ class ShardEmbedder:
         started = time.time()
         fs, _ = resolve(self.plan.out)
         with fs.open_input_file(self.plan.inputs_file) as file:
-            rows = pq.ParquetFile(file).read_row_group(shard).to_pylist()
+            plan = pq.ParquetFile(file, page_checksum_verification=True)
+            rows = plan.read_row_group(shard).to_pylist()
         # map() submits every row at once, so decoding runs ahead while the model works.
         decoded = self.decoder.map(
-            lambda row: _load_and_decode(row, self.embedder, self.config.max_pixels), rows
+            lambda row: _load_and_decode(row, self.embedder, self.config), rows
         )
         embeddings = np.zeros((len(rows), self.plan.provenance.dim), dtype=np.float32)
         results: list[DecodedRow] = []
@@ -342,6 +446,14 @@ class ShardEmbedder:
                     results[i] = results[i]._replace(tensor=None)
                 batch = []
         errors = [result.error for result in results]
+        # A vector that is not finite in the stored type (NaN from the model, or a float16
+        # overflow) would poison every index and classifier built on it: it is an error row.
+        with np.errstate(over="ignore"):
+            stored = embeddings.astype(np.dtype(self.plan.provenance.dtype))
+        for position in np.flatnonzero(~np.isfinite(stored).all(axis=1)):
+            if errors[position] is None:
+                errors[position] = (f"non-finite embedding: the model gave NaN or inf (or a "
+                                    f"value beyond the range of {self.plan.provenance.dtype})")
         table = build_table(
             self.plan.provenance,
             [row["id"] for row in rows],
@@ -387,24 +499,76 @@ def summary(stats: ShardStats, plan: Plan, seconds: float, skipped_shards: int) 
 # --- running on Ray ------------------------------------------------------------------------------
 
 
-def start_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray."""
+def start_ray() -> bool:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray of our
+    own; returns whether this call started one (then `stop_ray` stops it).
+
+    Never joins a Ray that `ray start` left on this machine unless RAY_ADDRESS says so: that
+    one runs in another Python environment, and when its head is dead `ray.init` waits forever.
+
+    Raises:
+        PipelineError: RAY_ADDRESS names a cluster that does not answer.
+    """
     import ray
 
     if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _require_answering(address)
         ray.init(logging_level="WARNING")
-        return
+        return False
     # Local workers import `pipeline` from this checkout even when it is not installed. No
     # dashboard: on a laptop its processes take CPU from the model (about 5% on 2 cores).
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     ray.init(
+        address="local",
         runtime_env={"env_vars": {"PYTHONPATH": path}},
         include_dashboard=False,
         logging_level="WARNING",
     )
+    return True
+
+
+def stop_ray() -> None:
+    """Stop the local Ray that `start_ray` started; a second Ctrl-C meanwhile is not an error."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except KeyboardInterrupt:
+        pass
+
+
+RAY_CONNECT_TIMEOUT_S = 10
+
+
+def _require_answering(address: str) -> None:
+    """Refuse a RAY_ADDRESS whose host does not take a connection, in seconds instead of
+    `ray.init`'s endless retries."""
+    if address == "auto":
+        import ray._private.services as services  # how `ray.init` itself resolves "auto"
+
+        try:
+            found = services.canonicalize_bootstrap_address(address)
+        except (ConnectionError, ValueError) as err:
+            raise PipelineError(f"RAY_ADDRESS=auto: no running Ray cluster found ({err})") from err
+        if found is None:
+            raise PipelineError("RAY_ADDRESS=auto: no running Ray cluster found on this machine")
+        address = found
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        return  # not host:port; let Ray say what it makes of it
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise PipelineError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({err.strerror or err}); "
+            "start it (ray start --head), or unset RAY_ADDRESS to run on a local Ray"
+        ) from None
 
 
 def worker_layout(config: ExtractConfig, resources: dict) -> tuple[int, int, bool]:
@@ -425,9 +589,17 @@ def run_shards(
     config: ExtractConfig, plan: Plan, shards: list[int], on_shard_done
 ) -> ShardStats:
     """Embed `shards` on Ray actors; calls `on_shard_done(stats, total)` as each part lands."""
+    started = start_ray()
+    try:
+        return _run_on_actors(config, plan, shards, on_shard_done)
+    finally:
+        if started:
+            stop_ray()
+
+
+def _run_on_actors(config: ExtractConfig, plan: Plan, shards: list[int], on_shard_done):
     import ray
 
-    start_ray()
     workers, per_worker, on_gpu = worker_layout(config, ray.cluster_resources())
     actor_class = ray.remote(ShardEmbedder).options(
         num_cpus=per_worker, num_gpus=1 if on_gpu else 0, max_restarts=2, max_task_retries=2

@@ -9,6 +9,10 @@ An index folder holds three files that must agree, and `load_index` checks that 
   recall@10 against exact search, latency, the embeddings' provenance, the source datasets'
   fingerprints and the sha256 of the other two files (so a corrupt file is named, not used).
 
+`load_index` also checks what a matching sha256 cannot vouch for: the FAISS index's own
+structure, metric, dimension and count, and `ids.parquet`'s page checksums and schema version.
+`--overwrite` and `--add` replace a folder holding these three files and nothing else.
+
 Building reads the embeddings twice and never holds more than the index, one batch and the
 training sample in memory: pass 1 draws the training sample and the evaluation queries at
 random positions across all shards; pass 2 adds every row to the index while keeping the exact
@@ -40,6 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
@@ -48,7 +53,13 @@ from pipeline.config import JobConfig, parse_size
 from pipeline.errors import ArtifactError, ConfigError, OutputError
 from pipeline.provenance import PARQUET_METADATA_KEY, Provenance, file_sha256
 from pipeline.sources import normalize_source
-from pipeline.store import EmbeddingDataset, embeddings_to_numpy
+from pipeline.store import (
+    EmbeddingDataset,
+    describe_entries,
+    embeddings_to_numpy,
+    foreign_entries,
+    read_parquet,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +111,8 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 MANIFEST_FILE = "manifest.json"
 IDS_METADATA_KEY = b"fc7.index"
+# Everything fc7 writes in an index folder; --overwrite and --add replace nothing else.
+INDEX_FOLDER_FILES = frozenset({INDEX_FILE, IDS_FILE, MANIFEST_FILE})
 
 KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
 RECALL_K = 10
@@ -555,8 +568,9 @@ def build_index(
         The manifest written and the counts, timings and evaluation.
 
     Raises:
-        OutputError: `config.out` exists (and neither --add nor --overwrite was given).
-        ArtifactError: the embeddings hold no rows without errors.
+        OutputError: `config.out` is an index and --overwrite was not given, holds files fc7
+            did not write, or is not a folder.
+        ArtifactError: the embeddings hold no rows without errors, or a damaged part file.
         ConfigError: an invalid kind or PCA dimension for these embeddings.
 
     Example:
@@ -565,11 +579,7 @@ def build_index(
         'flat'
     """
     out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise OutputError(
-            f"--out {out}: already exists; pass --add to append new rows to the index there, "
-            f"or --overwrite to replace it"
-        )
+    check_index_out(out, replace=config.overwrite)
     started = time.perf_counter()
     rows = data.count()
     total = data.count(with_errors=True)
@@ -695,11 +705,13 @@ def add_to_index(
     """Append the rows of `data` whose ids the index at `config.out` lacks; no retraining.
 
     Raises:
-        ArtifactError: no valid index at `config.out`.
+        ArtifactError: no valid index at `config.out`, or a damaged part file in `data`.
+        OutputError: the index folder holds files fc7 did not write.
         ProvenanceMismatch: `data` was made with other features than the index.
     """
     started = time.perf_counter()
     loaded = load_index(config.out)
+    check_index_out(Path(config.out), replace=True)
     loaded.provenance.require_compatible(
         data.provenance, mine=f"the index {config.out}", theirs=f"the embeddings {data.uri}"
     )
@@ -766,6 +778,63 @@ def peak_rss() -> int:
 # Saving and loading
 
 
+def _is_index_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == INDEX_FORMAT
+
+
+def check_index_out(out: Path, replace: bool) -> None:
+    """Refuse an index --out that fc7 must not write or replace.
+
+    fc7 replaces an index folder as a whole, so it only ever replaces one holding nothing but
+    the files it writes there (`INDEX_FOLDER_FILES`). A new or empty folder is always fine.
+
+    Raises:
+        OutputError: `out` is not a folder; is not empty and not an fc7 index (with or without
+            `replace`); is an index holding other files (listed); or is an index and not
+            `replace`.
+
+    Example:
+        >>> check_index_out(Path("out/index"), replace=True)  # doctest: +SKIP
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is not a folder; choose another --out")
+    fs = pafs.LocalFileSystem()
+    try:
+        entries = foreign_entries(fs, str(out), lambda info: False)
+        if not entries:
+            return
+        foreign = foreign_entries(
+            fs,
+            str(out),
+            lambda info: info.type == pafs.FileType.File and info.base_name in INDEX_FOLDER_FILES,
+        )
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot list: {err}") from err
+    if not _is_index_manifest(out / MANIFEST_FILE):
+        raise OutputError(
+            f"--out {out}: not empty and not an fc7 index (no valid {MANIFEST_FILE}): holds "
+            f"{describe_entries(entries)}; fc7 writes an index only into a new or empty folder "
+            f"or over an index it made; choose another --out"
+        )
+    if foreign:
+        raise OutputError(
+            f"--out {out}: holds files fc7 did not write ({describe_entries(foreign)}); fc7 "
+            f"replaces an index folder as a whole and will not delete them: move them out of "
+            f"{out}, or choose another --out"
+        )
+    if not replace:
+        raise OutputError(
+            f"--out {out}: already exists; pass --add to append new rows to the index there, "
+            f"or --overwrite to replace it"
+        )
+
+
 def write_index_dir(
     out: Path,
     index: faiss.Index,
@@ -779,11 +848,13 @@ def write_index_dir(
     """Write the three files into a hidden sibling folder, then move it into place.
 
     A reader sees the old folder or the new one, never a mix; a failure leaves the old one.
+    Of the old folder, only the files fc7 wrote are deleted (see `check_index_out`).
 
     Raises:
-        OutputError: the parent folder cannot be written, or `out` exists and not `replace`.
+        OutputError: the parent folder cannot be written, or `check_index_out` refuses `out`.
     """
     out = Path(out)
+    check_index_out(out, replace)
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -804,7 +875,7 @@ def write_index_dir(
                 IDS_METADATA_KEY: json.dumps(meta).encode(),
             }
         )
-        pq.write_table(table, staging / IDS_FILE, compression="zstd")
+        pq.write_table(table, staging / IDS_FILE, compression="zstd", write_page_checksum=True)
         manifest["files"] = {
             "index": INDEX_FILE,
             "index_sha256": file_sha256(staging / INDEX_FILE),
@@ -814,8 +885,6 @@ def write_index_dir(
         manifest["index_bytes"] = (staging / INDEX_FILE).stat().st_size
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
-            if not replace:
-                raise OutputError(f"--out {out}: already exists")
             old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
             out.rename(old)
             try:
@@ -823,14 +892,27 @@ def write_index_dir(
             except OSError:
                 old.rename(out)  # keep the previous index rather than none
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_old_index(old)
         else:
             staging.rename(out)
     except OSError as err:
         raise OutputError(f"--out {out}: cannot write the index: {err}") from err
     finally:
         if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # our own folder, made above
+
+
+def _remove_old_index(old: Path) -> None:
+    # Only our files, never rmtree: anything else that appeared since the check stays.
+    for name in INDEX_FOLDER_FILES:
+        try:
+            (old / name).unlink(missing_ok=True)
+        except OSError:
+            pass
+    try:
+        old.rmdir()
+    except OSError:
+        log.warning("left %s: it holds files fc7 did not write", old)
 
 
 @dataclass
@@ -843,15 +925,17 @@ class LoadedIndex:
     labels: list[str | None]
     manifest: dict[str, Any]
     provenance: Provenance
+    folder: Path | None = None
 
 
 def load_index(index_dir: str | Path) -> LoadedIndex:
     """Read an index folder written by `fc7 index` and check that its files agree.
 
     Raises:
-        ArtifactError: a file is missing, corrupt (sha256 differs from the manifest's), from a
-            newer fc7, or the index, id map and manifest disagree on count, dimension or
-            provenance. The message names the file.
+        ArtifactError: a file is missing, corrupt (sha256 differs from the manifest's, a
+            Parquet page checksum fails, FAISS cannot read it or it does not hold a usable
+            index), from a newer fc7, or the index, id map and manifest disagree on count,
+            dimension, metric or provenance. The message names the file.
 
     Example:
         >>> loaded = load_index("out/index")  # doctest: +SKIP
@@ -880,7 +964,7 @@ def load_index(index_dir: str | Path) -> LoadedIndex:
         provenance = Provenance.model_validate(manifest["provenance"])
         files = manifest["files"]
         count, dim, metric = int(manifest["count"]), int(manifest["dim"]), manifest["metric"]
-        params = dict(manifest["search_params"])
+        params = {str(name): int(value) for name, value in dict(manifest["search_params"]).items()}
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{manifest_path}: incomplete manifest ({err})") from None
     if metric not in SCORES:
@@ -889,20 +973,13 @@ def load_index(index_dir: str | Path) -> LoadedIndex:
     for path, key in ((index_path, "index_sha256"), (ids_path, "ids_sha256")):
         if not path.is_file():
             raise ArtifactError(f"{path}: missing from the index folder; rebuild the index")
-        if file_sha256(path) != files.get(key):
+        if not isinstance(files, dict) or file_sha256(path) != files.get(key):
             raise ArtifactError(
                 f"{path}: corrupt (its sha256 differs from the manifest's); rebuild the index"
             )
-    try:
-        index = faiss.read_index(str(index_path))
-    except RuntimeError as err:
-        raise ArtifactError(
-            f"{index_path}: not a readable FAISS index ({_faiss_message(err)})"
-        ) from None
-    try:
-        table = pq.read_table(ids_path)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise ArtifactError(f"{ids_path}: not a readable id map ({err})") from None
+    index = _read_faiss(index_path)
+    _check_index(index, index_path, count, dim, metric)
+    table = _read_ids(ids_path)
     stored = Provenance.from_json(
         (table.schema.metadata or {}).get(PARQUET_METADATA_KEY, b"null"), where=str(ids_path)
     )
@@ -922,15 +999,140 @@ def load_index(index_dir: str | Path) -> LoadedIndex:
     positions = table.column("position").to_numpy()
     if not np.array_equal(positions, np.arange(count)):
         raise ArtifactError(f"{ids_path}: positions are not 0..{count - 1}; rebuild the index")
-    apply_search_params(index, params)
+    ids = table.column("id").to_pylist()
+    if table.column("id").null_count or len(set(ids)) != count:
+        raise ArtifactError(f"{ids_path}: ids are missing or repeated; rebuild the index")
+    try:
+        apply_search_params(index, params)
+    except ArtifactError as err:
+        raise ArtifactError(f"{manifest_path}: {err}; rebuild the index") from None
     return LoadedIndex(
         index,
-        table.column("id").to_pylist(),
+        ids,
         table.column("path").to_pylist(),
         table.column("label").to_pylist(),
         manifest,
         provenance,
+        folder,
     )
+
+
+def _read_faiss(path: Path) -> faiss.Index:
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise ArtifactError(
+            f"{path}: not a readable FAISS index ({_faiss_message(err)}); rebuild the index"
+        ) from None
+    except MemoryError:
+        # A damaged size field: FAISS allocates what the file claims before reading it.
+        raise ArtifactError(
+            f"{path}: corrupt (it claims more data than this machine's memory); rebuild the index"
+        ) from None
+
+
+_METRIC_NAMES = {faiss.METRIC_L2: "L2", faiss.METRIC_INNER_PRODUCT: "inner product"}
+
+
+def _check_index(index: faiss.Index, path: Path, count: int, dim: int, metric: str) -> None:
+    """Refuse an index whose structure cannot be what fc7 built, before any search runs.
+
+    The sha256 in the manifest catches damage; these checks catch a file replaced together
+    with its sha256, which could otherwise crash FAISS (out-of-range ids or graph links) or
+    return garbage silently.
+    """
+    expected = metric_type(metric)
+    try:
+        parts = list(walk(index))
+        for part in parts:
+            if part.metric_type != expected:
+                found = _METRIC_NAMES.get(part.metric_type, f"metric {part.metric_type}")
+                raise ArtifactError(
+                    f"{path}: searches by {found} but the manifest's metric is {metric} (which "
+                    f"fc7 builds with {_METRIC_NAMES[expected]}); rebuild the index"
+                )
+            if not part.is_trained or part.ntotal != index.ntotal:
+                raise ArtifactError(f"{path}: its parts disagree; rebuild the index")
+            _check_part(part, path)
+    except (AttributeError, RuntimeError, TypeError, ValueError) as err:
+        raise ArtifactError(
+            f"{path}: not an index fc7 can use ({err}); rebuild the index"
+        ) from None
+
+
+def _check_part(part: faiss.Index, path: Path) -> None:
+    ntotal = part.ntotal
+    problem = None
+    if isinstance(part, faiss.IndexFlat) and ntotal:
+        vectors = faiss.rev_swig_ptr(part.get_xb(), ntotal * part.d)
+        # min and max make no temporary copy; NaN propagates into both.
+        if not (np.isfinite(vectors.min()) and np.isfinite(vectors.max())):
+            problem = "stored vectors that are not finite"
+    elif isinstance(part, faiss.IndexIVF):
+        lists = part.invlists
+        sizes = [lists.list_size(i) for i in range(part.nlist)]
+        ids = [faiss.rev_swig_ptr(lists.get_ids(i), n) for i, n in enumerate(sizes) if n]
+        if part.quantizer.ntotal != part.nlist or part.quantizer.d != part.d:
+            problem = "a coarse quantizer that does not match its lists"
+        elif sum(sizes) != ntotal or (ids and not _all_in(np.concatenate(ids), 0, ntotal)):
+            problem = "inverted lists that do not hold each vector once"
+    elif isinstance(part, faiss.IndexHNSW):
+        graph = part.hnsw
+        links = faiss.vector_to_array(graph.neighbors)
+        offsets = faiss.vector_to_array(graph.offsets).astype(np.int64)
+        levels = faiss.vector_to_array(graph.levels)
+        per_level = faiss.vector_to_array(graph.cum_nneighbor_per_level)
+        if not (
+            len(levels) == ntotal
+            and len(offsets) == ntotal + 1
+            and offsets[0] == 0
+            and offsets[-1] == len(links)
+            and _all_in(levels, 1, len(per_level))
+            and np.array_equal(np.diff(offsets), per_level[levels])
+            and _all_in(links, -1, ntotal)
+            and -1 <= graph.entry_point < max(ntotal, 1)
+            and (ntotal == 0 or graph.max_level == levels.max() - 1)
+        ):
+            problem = "a graph whose links point outside the index"
+    if problem:
+        raise ArtifactError(f"{path}: corrupt: {problem}; rebuild the index")
+
+
+def _all_in(values: np.ndarray, low: int, end: int) -> bool:
+    """Whether every value is in [low, end)."""
+    return not len(values) or (values.min() >= low and values.max() < end)
+
+
+_ID_COLUMNS = {"position": pa.int64(), "id": pa.string(), "path": pa.string(), "label": pa.string()}
+
+
+def _read_ids(path: Path) -> pa.Table:
+    try:
+        table = read_parquet(str(path))
+    except ArtifactError as err:
+        raise ArtifactError(f"{err}; rebuild the index") from None
+    for name, kind in _ID_COLUMNS.items():
+        if name not in table.column_names or table.schema.field(name).type != kind:
+            raise ArtifactError(f"{path}: not an fc7 id map (no {name} column of {kind})")
+    try:
+        meta = json.loads((table.schema.metadata or {})[IDS_METADATA_KEY])
+        version, rows = meta["schema_version"], meta["count"]
+    except (KeyError, TypeError, ValueError):
+        raise ArtifactError(
+            f"{path}: not an fc7 id map (no valid {IDS_METADATA_KEY.decode()} metadata); "
+            f"rebuild the index"
+        ) from None
+    if not isinstance(version, int) or version > INDEX_SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: id map schema {version} is newer than this fc7 reads "
+            f"({INDEX_SCHEMA_VERSION}); upgrade fc7 or rebuild the index"
+        )
+    if rows != table.num_rows:
+        raise ArtifactError(
+            f"{path}: its metadata says {rows} rows but it holds {table.num_rows:,}; rebuild the "
+            f"index"
+        )
+    return table
 
 
 def summary(config: IndexConfig, result: BuildResult) -> str:

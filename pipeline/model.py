@@ -18,7 +18,13 @@ import torchvision
 from torch import nn
 from torchvision.models import AlexNet_Weights, alexnet
 
-from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from pipeline.decode import (
+    DEFAULT_DECODE_MEMORY,
+    DEFAULT_MAX_PIXELS,
+    DecodeBudget,
+    ImageDecodeError,
+    decode_image,
+)
 from pipeline.errors import ConfigError, ProvenanceMismatch, WeightsError
 from pipeline.provenance import LAYER_WIDTHS, Preprocessing, Provenance, file_sha256
 
@@ -163,6 +169,7 @@ class Embedder:
         device: str = "auto",
         dtype: str = "float32",
         preprocessing: Preprocessing | None = None,
+        decode_memory: int = DEFAULT_DECODE_MEMORY,
     ):
         if layer not in _CLASSIFIER_DEPTH:
             raise ConfigError(f"--layer {layer}: must be one of {', '.join(_CLASSIFIER_DEPTH)}")
@@ -170,6 +177,8 @@ class Embedder:
         self.layer = layer
         self.dtype = dtype
         self.preprocessing = preprocessing or Preprocessing()
+        # Shared by every thread that decodes for this model (decode pool, server requests).
+        self.decode_budget = DecodeBudget(decode_memory)
         self.device = resolve_device(device)
         network = alexnet(weights=None)
         network.load_state_dict(weights.state_dict)
@@ -219,7 +228,8 @@ class Embedder:
         tensors, errors = [], []
         for data in images:
             try:
-                tensors.append(decode_image(data, self.preprocessing, max_pixels)[0])
+                decoded = decode_image(data, self.preprocessing, max_pixels, self.decode_budget)
+                tensors.append(decoded[0])
                 errors.append(None)
             except ImageDecodeError as err:
                 errors.append(str(err))

@@ -179,7 +179,8 @@ class SimilarityIndex:
             chunk, errors = embedder.embed_bytes(images[start : start + EMBED_BATCH])
             for offset, error in enumerate(errors):
                 if error is not None:
-                    raise ImageDecodeError(f"{names[start + offset]}: {error}")
+                    # embed_bytes gives reasons only, not kinds: "corrupt" is the generic one.
+                    raise ImageDecodeError(f"{names[start + offset]}: {error}", "corrupt")
             vectors.append(chunk)
         if not vectors:
             return []
@@ -239,6 +240,12 @@ class SimilarityIndex:
                 distances, positions = self._gpu[0].search(vectors, k)
         else:
             distances, positions = index.search(vectors, k)
+        if positions.size and positions.max() >= len(self):
+            # Only a damaged index answers positions its id map lacks; never drop them silently.
+            raise ArtifactError(
+                f"{self._loaded.folder or 'the index'}: answered position {positions.max()}, "
+                f"beyond its {len(self):,} ids; the index is corrupt: rebuild it"
+            )
         return scores(distances, self.metric), positions
 
     def _stored_vectors(self, positions: np.ndarray) -> tuple[np.ndarray, Any]:
@@ -273,13 +280,11 @@ class SimilarityIndex:
                     f"{source['uri']} changed since it was indexed, and this index cannot give "
                     f"back stored vectors; rebuild the index"
                 )
-            table = data.dataset.to_table(
-                columns=["id", "embedding"],
-                filter=pads.field("id").isin(wanted) & pads.field("error").is_null(),
-            )
-            vectors = embeddings_to_numpy(table.column("embedding"))
-            for item, vector in zip(table.column("id").to_pylist(), vectors, strict=True):
-                found.setdefault(item, vector)
+            # Through `batches`, which verifies checksums and refuses non-finite vectors.
+            for batch in data.batches(["id", "embedding"], where=pads.field("id").isin(wanted)):
+                vectors = embeddings_to_numpy(batch.column("embedding"))
+                for item, vector in zip(batch.column("id").to_pylist(), vectors, strict=True):
+                    found.setdefault(item, vector)
         missing = [item for item in wanted if item not in found]
         if missing:
             raise ArtifactError(f"ids {missing[:3]} are no longer in the index's source embeddings")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ from pipeline.store import resolve
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
+# Larger than any image under the default max_pixels (a 100-megapixel uncompressed RGB TIFF is
+# 300 MB), small enough that a few decode threads reading at once cannot exhaust memory.
+DEFAULT_MAX_BYTES = 512 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -77,14 +81,84 @@ def iter_inputs(source: str) -> Iterator[InputImage]:
         )
 
 
-def read_image_bytes(path: str) -> bytes:
-    """The bytes of one input; raises OSError (the caller records it as the row's error)."""
-    if "://" not in path:
-        with open(path, "rb") as file:
-            return file.read()
-    fs, fs_path = pafs.FileSystem.from_uri(path)
-    with fs.open_input_stream(fs_path) as stream:
-        return stream.read()
+class InputReadError(OSError):
+    """An input cannot be read as a file; `str(err)` is the reason for the `error` column.
+
+    An OSError, so that callers which catch read errors catch these as well.
+    """
+
+
+def read_image_bytes(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of one input, which must be a regular file of at most `max_bytes`.
+
+    Devices (`/dev/zero`), FIFOs and sockets are refused from their metadata, before they are
+    opened: reading them would never end, or block the worker for good.
+
+    Raises:
+        InputReadError: missing, unreadable, not a regular file, or larger than `max_bytes`;
+            the message is the reason recorded in the row.
+
+    Example:
+        >>> len(read_image_bytes("examples/images/dalmatian/image_0001.jpg")) > 0  # doctest: +SKIP
+        True
+    """
+    try:
+        if "://" not in path:
+            return _read_local(path, max_bytes)
+        fs, fs_path = pafs.FileSystem.from_uri(path)
+        info = fs.get_file_info(fs_path)
+        if info.type == pafs.FileType.NotFound:
+            raise InputReadError("cannot read file: No such file or directory")
+        if info.type != pafs.FileType.File:
+            raise InputReadError(f"not a regular file: {info.type.name.lower()}")
+        _check_size(info.size, max_bytes)
+        with fs.open_input_stream(fs_path) as stream:
+            return _read_at_most(stream, max_bytes)
+    except InputReadError:
+        raise
+    except OSError as err:
+        raise InputReadError(f"cannot read file: {err.strerror or err}") from None
+    except ValueError as err:  # a URI scheme pyarrow does not know
+        raise InputReadError(f"cannot read file: {err}") from None
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    _require_regular(os.stat(path).st_mode)
+    # O_NONBLOCK: should the file have become a FIFO since the stat, opening it does not wait
+    # for a writer; fstat then refuses it.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as file:
+        status = os.fstat(file.fileno())
+        _require_regular(status.st_mode)
+        _check_size(status.st_size, max_bytes)
+        return _read_at_most(file, max_bytes)
+
+
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a directory" if stat.S_ISDIR(mode)
+            else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise InputReadError(f"not a regular file: {kind}; only plain files are read")
+
+
+def _check_size(size: int | None, max_bytes: int) -> None:
+    if size is not None and size > max_bytes:
+        raise InputReadError(
+            f"file too large: {size:,} bytes exceeds max_bytes {max_bytes:,} (--max-bytes)"
+        )
+
+
+def _read_at_most(stream, max_bytes: int) -> bytes:
+    # One byte more than allowed tells a file that grew after its size was read.
+    data = stream.read(max_bytes + 1)
+    _check_size(len(data), max_bytes)
+    return data
 
 
 def _uri_builder(source: str) -> Callable[[str], str]:

@@ -3,13 +3,19 @@
 One row per input image. `embedding` is a plain Arrow `fixed_size_list<float>` (not a tensor
 extension type) so that pandas, polars and DuckDB read it as is. Provenance lives in the schema
 metadata of every part file; `EmbeddingDataset` refuses a folder whose parts disagree.
+
+Every Parquet file fc7 writes carries page checksums (CRC32) and every read verifies them, so
+bit rot is an `ArtifactError` naming the file rather than wrong numbers. `EmbeddingDataset.batches`
+also refuses vectors no AlexNet layer can produce (NaN, infinite, negative, above `MAX_VALUE`):
+files written before checksums existed, or damaged before they were written, are caught there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +29,19 @@ from pipeline.errors import ArtifactError, ProvenanceMismatch
 from pipeline.provenance import PARQUET_METADATA_KEY, Provenance
 
 PART_PREFIX = "part-"
+# The name `write_table_atomically` writes under before moving a file into place.
+TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{32}\.tmp")
+# fc7, fc6 and pool5 are all taken after a ReLU (pipeline/model.py): a negative value can only
+# come from damage.
+RELU_LAYERS = frozenset({"fc7", "fc6", "pool5"})
+# Far beyond any AlexNet activation (random:0 weights give at most 0.12 on generated images,
+# trained ones tens to hundreds), yet a flipped high exponent bit gives 1e19..1e38. Squares of
+# values up to here cannot overflow float32 in a norm or a distance over 9216 dimensions.
+MAX_VALUE = 1e6
+# Files re-read one by one to find the one a failed multi-file scan tripped on (the scanner
+# reads ahead a few files; the failure is in the file being read or one just after it).
+_DIAGNOSE_FILES = 16
+_REQUIRED_COLUMNS = ("id", "path", "embedding", "error")
 
 
 def embedding_schema(provenance: Provenance) -> pa.Schema:
@@ -55,12 +74,15 @@ def write_table_atomically(table: pa.Table, fs: pafs.FileSystem, path: str) -> N
     """Write `table` to `path` so that no reader ever sees a half-written file.
 
     The file is written under a hidden temporary name (readers skip names starting with '.')
-    and moved into place; on object stores the upload itself is atomic.
+    and moved into place; on object stores the upload itself is atomic. Pages carry CRC32
+    checksums, which every fc7 reader verifies.
     """
     parent, _, name = path.rpartition("/")
     temporary = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
     try:
-        pq.write_table(table, temporary, filesystem=fs, compression="zstd")
+        pq.write_table(
+            table, temporary, filesystem=fs, compression="zstd", write_page_checksum=True
+        )
         fs.move(temporary, path)
     except BaseException:
         try:
@@ -81,9 +103,32 @@ def embeddings_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return values.reshape(len(column), dim).astype(np.float32, copy=False)
 
 
+def reextract_hint(path: str) -> str:
+    """What to do about a damaged part file of an extraction output."""
+    return (
+        f"delete {path.rsplit('/', 1)[-1]} and run the same fc7 extract command again: it "
+        f"resumes and re-embeds only the missing shard"
+    )
+
+
+def read_parquet(path: str, fs: pafs.FileSystem | None = None, **options) -> pa.Table:
+    """`pq.read_table` of one file with its page checksums verified.
+
+    Raises:
+        ArtifactError: the file is missing, damaged (a checksum differs) or not Parquet.
+    """
+    try:
+        return pq.read_table(path, filesystem=fs, page_checksum_verification=True, **options)
+    except (OSError, pa.ArrowException) as err:
+        raise ArtifactError(f"{path}: damaged or not a readable Parquet file ({err})") from None
+
+
 @dataclass(frozen=True)
 class EmbeddingDataset:
-    """An extraction output folder opened for reading.
+    """An extraction output folder opened for reading; read it with `batches`.
+
+    Every read verifies the files' page checksums and the vectors' values, and names the
+    damaged file (and row) when one fails.
 
     Example:
         >>> data = EmbeddingDataset.open("out/")          # doctest: +SKIP
@@ -110,8 +155,13 @@ class EmbeddingDataset:
             raise ArtifactError(f"{uri}: cannot read embeddings: {err}") from err
         if info.type == pafs.FileType.NotFound:
             raise ArtifactError(f"{uri}: no such embeddings folder or file")
+        parquet = pads.ParquetFileFormat(
+            default_fragment_scan_options=pads.ParquetFragmentScanOptions(
+                page_checksum_verification=True
+            )
+        )
         try:
-            dataset = pads.dataset(path, filesystem=fs, format="parquet")
+            dataset = pads.dataset(path, filesystem=fs, format=parquet)
         except (OSError, pa.ArrowInvalid) as err:
             raise ArtifactError(f"{uri}: not a readable Parquet dataset: {err}") from err
         files = dataset.files
@@ -120,12 +170,17 @@ class EmbeddingDataset:
         provenance = None
         for file in files:
             try:
-                metadata = pq.read_schema(file, filesystem=fs).metadata or {}
+                schema = pq.read_schema(file, filesystem=fs)
             except (OSError, pa.ArrowInvalid) as err:
-                raise ArtifactError(f"{file}: not a readable Parquet file: {err}") from err
+                raise ArtifactError(
+                    f"{file}: not a readable Parquet file ({err}); if fc7 extract wrote it, "
+                    f"{reextract_hint(file)}"
+                ) from err
+            metadata = schema.metadata or {}
             if PARQUET_METADATA_KEY not in metadata:
                 raise ArtifactError(f"{file}: not an fc7 embeddings file (no provenance metadata)")
             found = Provenance.from_json(metadata[PARQUET_METADATA_KEY], where=file)
+            _check_columns(schema, found, file)
             if provenance is None:
                 provenance, first = found, file
             elif found.differences(provenance) or found.dtype != provenance.dtype:
@@ -140,20 +195,69 @@ class EmbeddingDataset:
         return list(self.dataset.files)
 
     def count(self, with_errors: bool = False) -> int:
-        """Rows in the dataset; by default only rows with an embedding."""
+        """Rows in the dataset; by default only rows with an embedding.
+
+        Raises:
+            ArtifactError: a part file is damaged; the message names it.
+        """
         if with_errors:
             return self.dataset.count_rows()
-        return self.dataset.count_rows(filter=pads.field("error").is_null())
+        row_filter = pads.field("error").is_null()
+        try:
+            return self.dataset.count_rows(filter=row_filter)
+        except (OSError, pa.ArrowException) as err:
+            raise self._unreadable(self.dataset, ["error"], row_filter, None, err) from None
 
     def batches(
-        self, columns: list[str], batch_size: int = 8192, with_errors: bool = False
+        self,
+        columns: list[str],
+        batch_size: int = 8192,
+        with_errors: bool = False,
+        where: pc.Expression | None = None,
+        files: list[str] | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """Stream record batches; rows with an `error` are left out unless `with_errors`."""
+        """Stream record batches, every `embedding` value checked on the way.
+
+        Args:
+            columns: the columns to read.
+            batch_size: rows per batch at most.
+            with_errors: keep rows with an `error` (their `embedding` is null).
+            where: a further row filter, e.g. `pads.field("id").isin(ids)`.
+            files: read only these part files, in this order (default: all, in order).
+
+        Raises:
+            ArtifactError: a part file is damaged (a page checksum differs, a page does not
+                decode) or holds a vector no AlexNet layer produces (NaN, infinite, negative,
+                above `MAX_VALUE`); the message names the file, and the row and its id.
+
+        Example:
+            >>> wanted = pads.field("id").isin(["cats/1.jpg"])
+            >>> batch = next(data.batches(["id", "embedding"], where=wanted))  # doctest: +SKIP
+        """
         row_filter = None if with_errors else pads.field("error").is_null()
-        scanner = self.dataset.scanner(columns=columns, filter=row_filter, batch_size=batch_size)
-        for batch in scanner.to_batches():
-            if batch.num_rows:
-                yield batch
+        if where is not None:
+            row_filter = where if row_filter is None else row_filter & where
+        dataset = self.dataset if files is None else self._subset(files)
+        check = "embedding" in columns
+        # The id names a bad row in the error message.
+        scan = [*columns, "id"] if check and "id" not in columns else list(columns)
+        scanner = dataset.scanner(columns=scan, filter=row_filter, batch_size=batch_size)
+        tagged = iter(scanner.scan_batches())
+        path = None
+        while True:
+            # Only the scan is guarded: errors raised by the consumer at `yield` pass through.
+            try:
+                item = next(tagged)
+            except StopIteration:
+                return
+            except (OSError, pa.ArrowException) as err:
+                raise self._unreadable(dataset, scan, row_filter, path, err) from None
+            batch, path = item.record_batch, item.fragment.path
+            if not batch.num_rows:
+                continue
+            if check:
+                self._check_vectors(batch, path, nullable=with_errors)
+            yield batch.select(columns) if len(scan) > len(columns) else batch
 
     def fingerprint(self) -> str:
         """sha256 over the part files' names, sizes and row counts: changes when the data does."""
@@ -163,6 +267,124 @@ class EmbeddingDataset:
             rows = fragment.metadata.num_rows
             digest.update(f"{fragment.path.rsplit('/', 1)[-1]}:{size}:{rows}\n".encode())
         return digest.hexdigest()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _subset(self, files: list[str]) -> pads.FileSystemDataset:
+        by_path = {fragment.path: fragment for fragment in self.dataset.get_fragments()}
+        return pads.FileSystemDataset(
+            [by_path[file] for file in files],
+            self.dataset.schema,
+            self.dataset.format,
+            self.dataset.filesystem,
+        )
+
+    def _unreadable(
+        self,
+        dataset: pads.Dataset,
+        columns: list[str],
+        row_filter: pc.Expression | None,
+        after: str | None,
+        err: Exception,
+    ) -> ArtifactError:
+        """The error naming the damaged file behind `err`, a failed scan of several files."""
+        fragments = list(dataset.get_fragments())
+        paths = [fragment.path for fragment in fragments]
+        start = paths.index(after) if after in paths else 0
+        for fragment in fragments[start : start + _DIAGNOSE_FILES]:
+            try:
+                for _ in fragment.to_batches(columns=columns, filter=row_filter):
+                    pass
+            except (OSError, pa.ArrowException) as found:
+                return ArtifactError(
+                    f"{fragment.path}: damaged ({found}); {reextract_hint(fragment.path)}"
+                )
+        return ArtifactError(f"{self.uri}: cannot be read ({err})")
+
+    def _check_vectors(self, batch: pa.RecordBatch, path: str, nullable: bool) -> None:
+        column = batch.column("embedding")
+        if column.null_count and not nullable:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise self._bad_row(batch, row, path, "has neither an embedding nor an error")
+        values = column.flatten().to_numpy(zero_copy_only=False)  # non-null rows only
+        if not len(values):
+            return
+        floor = 0.0 if self.provenance.layer in RELU_LAYERS else -MAX_VALUE
+        # One pass each, no temporaries; NaN fails both comparisons.
+        if values.min() >= floor and values.max() <= MAX_VALUE:
+            return
+        valid = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
+        rows = values.reshape(len(valid), -1)
+        ok = (rows >= floor) & (rows <= MAX_VALUE)
+        first = int(np.flatnonzero(~ok.all(axis=1))[0])
+        value = float(rows[first][~ok[first]][0])
+        what = f"holds {value:.4g} in its embedding"
+        if value < 0:
+            what += f", impossible for {self.provenance.layer} (a ReLU output)"
+        elif np.isfinite(value):
+            what += f", far above any AlexNet activation (at most {MAX_VALUE:.0e} is accepted)"
+        raise self._bad_row(batch, int(valid[first]), path, what)
+
+    def _bad_row(self, batch: pa.RecordBatch, row: int, path: str, what: str) -> ArtifactError:
+        item = batch.column("id")[row].as_py()
+        where = f"id {item!r}"
+        try:
+            ids = read_parquet(path, self.dataset.filesystem, columns=["id"]).column("id")
+            where = f"row {ids.to_pylist().index(item)} (id {item!r}, counting rows from 0)"
+        except (ArtifactError, ValueError):
+            pass  # the id alone still names the row
+        return ArtifactError(
+            f"{path}: {where} {what}: the file is damaged or was not written by fc7 extract; "
+            f"{reextract_hint(path)}"
+        )
+
+
+def _check_columns(schema: pa.Schema, provenance: Provenance, file: str) -> None:
+    missing = [name for name in _REQUIRED_COLUMNS if name not in schema.names]
+    if missing:
+        raise ArtifactError(f"{file}: not an fc7 embeddings file (no {', '.join(missing)} column)")
+    found = schema.field("embedding").type
+    expected = embedding_schema(provenance).field("embedding").type
+    # Compared without the item's name: older files call it "item", newer ones "element".
+    if (
+        not pa.types.is_fixed_size_list(found)
+        or found.list_size != expected.list_size
+        or found.value_type != expected.value_type
+    ):
+        raise ArtifactError(
+            f"{file}: its embedding column is {found}, but its provenance says "
+            f"{provenance.dim} {provenance.dtype} values"
+        )
+
+
+def foreign_entries(
+    fs: pafs.FileSystem, folder: str, ours: Callable[[pafs.FileInfo], bool]
+) -> list[str]:
+    """Names of the entries directly in `folder` that `ours` does not claim, sorted.
+
+    Sub-folders are listed with a trailing '/' and never entered. An output folder holding any
+    of these is not fc7's to replace: a job refuses it, naming them (see `describe_entries`).
+
+    Raises:
+        OSError: the folder cannot be listed.
+
+    Example:
+        >>> fs, ours = pafs.LocalFileSystem(), lambda info: info.base_name == "manifest.json"
+        >>> foreign_entries(fs, "out/index", ours)  # doctest: +SKIP
+        ['notes.md', 'part-x/']
+    """
+    selector = pafs.FileSelector(folder, allow_not_found=True, recursive=False)
+    return sorted(
+        info.base_name + ("/" if info.type == pafs.FileType.Directory else "")
+        for info in fs.get_file_info(selector)
+        if not ours(info)
+    )
+
+
+def describe_entries(names: list[str], limit: int = 5) -> str:
+    """`names` for an error message: the first `limit`, then how many more."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def build_table(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,17 @@ def write_embeddings(
     return folder
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for a module's tests, started as `fc7 extract` starts its own."""
+    from pipeline.extract import start_ray, stop_ray
+
+    started = start_ray()
+    yield
+    if started:
+        stop_ray()
+
+
 @pytest.fixture
 def labelled_images(tmp_path: Path) -> Path:
     """A folder of 3 classes x 4 generated JPEGs."""
@@ -171,4 +183,37 @@ def hostile_corpus(root: Path) -> dict[str, str | None]:
     expected = {name: error for name, (_, error) in files.items()}
     expected["odd/folder.jpg/inside.png"] = None
     expected["broken/dangling.jpg"] = "cannot read file"
+    return expected
+
+
+EPS_BYTES = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+)
+
+
+def attack_corpus(root: Path) -> dict[str, str | None]:
+    """Files meant to stop a job, eat memory or hang a reader, under `root`; returns {id:
+    expected error prefix, or None when the file is a valid image that must be embedded}.
+
+    Cheap to write (under 300 KB in all), expensive to decode: thin and tall strips whose resize
+    would take gigabytes, 100-megapixel 1-bit and 16-bit PNGs, a FIFO, a link to /dev/zero, an
+    EPS file (Pillow would run Ghostscript on it).
+    """
+    files = {
+        "attack/thin.png": (Image.new("L", (2, 1_000_000)), "extreme aspect ratio"),
+        "attack/tall.png": (Image.new("L", (100_000, 4)), "extreme aspect ratio"),
+        "attack/bits.png": (Image.new("1", (10_000, 10_000), 1), None),
+        "attack/deep.png": (Image.new("I;16", (10_000, 10_000), 40_000), None),
+    }
+    (root / "attack").mkdir(parents=True, exist_ok=True)
+    for name, (image, _) in files.items():
+        image.save(root / name)
+    (root / "attack/vector.jpg").write_bytes(EPS_BYTES)
+    os.mkfifo(root / "attack/camera.jpg")
+    (root / "attack/zero.jpg").symlink_to("/dev/zero")
+    expected = {name: error for name, (_, error) in files.items()}
+    expected["attack/vector.jpg"] = "not an image"
+    expected["attack/camera.jpg"] = "not a regular file: a FIFO"
+    expected["attack/zero.jpg"] = "not a regular file: a character device"
     return expected

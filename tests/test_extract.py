@@ -14,7 +14,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, hostile_corpus, jpeg_bytes
+import torch
+from conftest import REPO, attack_corpus, hostile_corpus, jpeg_bytes, write_labelled_folder
 
 from jobs.extract import main as extract
 from pipeline.decode import decode_image
@@ -23,7 +24,9 @@ from pipeline.model import Embedder, load_weights
 from pipeline.provenance import PARQUET_METADATA_KEY
 from pipeline.store import EmbeddingDataset, embeddings_to_numpy
 
-pytestmark = pytest.mark.slow
+# One local Ray for the module, as a notebook user would have: each extract() joins it
+# rather than starting and stopping its own.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 def _rows(out) -> dict:
@@ -34,7 +37,7 @@ def _rows(out) -> dict:
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    expected = hostile_corpus(root / "src")
+    expected = hostile_corpus(root / "src") | attack_corpus(root / "src")
     out = root / "out"
     assert extract([str(root / "src"), "--out", str(out), "--weights", "random:0",
                     "--shard-size", "5", "--batch-size", "3"]) == 0
@@ -70,8 +73,8 @@ def test_embeddings_equal_the_single_process_model(hostile_run):
 def test_output_schema_provenance_and_other_readers(hostile_run):
     _, expected, out = hostile_run
     parts = sorted(p.name for p in out.iterdir())
-    assert parts == ["_plan", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet",
-                     "part-00003.parquet"]
+    shards = -(-len(expected) // 5)
+    assert parts == ["_plan"] + [f"part-{shard:05d}.parquet" for shard in range(shards)]
     schema = pq.read_schema(out / "part-00000.parquet")
     embedding = schema.field("embedding").type
     assert pa.types.is_fixed_size_list(embedding) and embedding.list_size == 4096
@@ -159,6 +162,27 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_ctrl_c_mid_run_and_during_shutdown_ends_in_one_line(tmp_path):
+    source = write_labelled_folder(tmp_path / "src", classes=4, per_class=40)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "extract", str(source), "--out", str(out),
+         "--weights", "random:0", "--shard-size", "4", "--batch-size", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # Ray is shutting down now: a second Ctrl-C, as impatient users press it
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "fc7 extract: interrupted" in stderr
+    assert process.returncode in (130, -signal.SIGINT)  # -2: the second one came after the line
+
+
 def test_a_source_without_images_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty/readme.txt").write_text("no images here")
@@ -181,3 +205,115 @@ def test_cli_exit_codes_and_messages(tmp_path):
     assert unwritable.returncode == 1 and "cannot write here" in unwritable.stderr
     helptext = subprocess.run([*fc7, "extract", "--help"], capture_output=True, text=True)
     assert helptext.returncode == 0 and "(default: fc7)" in helptext.stdout
+
+
+def test_a_manifest_naming_devices_fifos_and_large_files_gives_error_rows(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(jpeg_bytes(1))
+    (tmp_path / "large.jpg").write_bytes(jpeg_bytes(2, (400, 300)))
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "list.txt").write_text("ok.jpg\n/dev/urandom\n/dev/zero\npipe.jpg\nlarge.jpg\n")
+    limit = (tmp_path / "large.jpg").stat().st_size - 1
+    assert extract([str(tmp_path / "list.txt"), "--out", str(tmp_path / "out"),
+                    "--weights", "random:0", "--max-bytes", str(limit)]) == 0
+    errors = {row["id"]: row["error"] for row in _rows(tmp_path / "out").values()}
+    assert errors == {
+        "ok.jpg": None,
+        "/dev/urandom": "not a regular file: a character device; only plain files are read",
+        "/dev/zero": "not a regular file: a character device; only plain files are read",
+        "pipe.jpg": "not a regular file: a FIFO (named pipe); only plain files are read",
+        "large.jpg": f"file too large: {limit + 1:,} bytes exceeds max_bytes {limit:,} "
+                     "(--max-bytes)",
+    }
+
+
+WORKER_PEAK = """
+import json, resource, sys
+from pipeline.extract import ExtractConfig, ShardEmbedder, prepare_output, write_plan
+from pipeline.model import load_weights, make_provenance
+from pipeline.sources import iter_inputs
+
+source, out = sys.argv[1:3]
+config = ExtractConfig(source=source, out=out, weights="random:0", shard_size=4,
+                       batch_size=4, decode_memory="1GiB")
+provenance = make_provenance(load_weights(config.weights), config.layer, config.dtype)
+plan = prepare_output(config, provenance) or write_plan(config, provenance, iter_inputs(source))
+worker = ShardEmbedder(config, plan, threads=4)  # three decode threads at once
+worker(plan.shards - 1)  # a shard of plain photos first: the model's own memory
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+stats = [worker(shard) for shard in range(plan.shards - 1)]
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "after": after, "failed": sum(s.failed for s in stats)}))
+"""
+
+
+def test_a_worker_decoding_the_attack_corpus_stays_within_its_decode_memory(tmp_path):
+    expected = attack_corpus(tmp_path / "src")
+    write_labelled_folder(tmp_path / "src" / "zz-photos", classes=1, per_class=4)
+    run = subprocess.run([sys.executable, "-c", WORKER_PEAK, str(tmp_path / "src"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    peak = json.loads(run.stdout.strip().splitlines()[-1])
+    growth = peak["after"] - peak["before"]
+    print(f"worker peak RSS {peak['after'] / 2**20:,.0f} MiB, +{growth / 2**20:,.0f} MiB over "
+          f"the attack corpus")
+    # Measured here: about +0.6 GiB (the two 100-megapixel PNGs, one after the other under a
+    # 1 GiB budget). Before, the thin PNG alone asked for 32 GB and the worker died.
+    assert growth < 2 * 2**30
+    assert peak["failed"] == sum(error is not None for error in expected.values())
+
+
+def _parts(out) -> pa.Table:
+    return pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
+
+
+def test_overwrite_deletes_only_what_fc7_wrote(tmp_path, labelled_images):
+    out = tmp_path / "out"
+    (out / "_plan").mkdir(parents=True)
+    (out / "_plan/roadmap.md").write_text("my plans")
+    for flags in ([], ["--overwrite"]):  # not an fc7 output: refused either way
+        with pytest.raises(OutputError, match="not empty and is not an fc7 extraction output "
+                                              "\\(it holds _plan/roadmap.md\\)"):
+            extract([str(labelled_images), "--out", str(out), "--weights", "random:0", *flags])
+    (out / "_plan/roadmap.md").unlink()
+    assert extract([str(labelled_images), "--out", str(out), "--weights", "random:0",
+                    "--shard-size", "5"]) == 0
+    planted = {"part-time-jobs.xlsx": "salary", "_plan/notes.md": "notes",
+               "part-x/inside.txt": "kept", ".part-mine.tmp": "mine"}
+    for name, text in planted.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(text)
+    pq.write_table(pa.table({"x": [1]}), out / "part-00099.parquet")  # not fc7's
+    assert extract([str(labelled_images), "--out", str(out), "--weights", "random:0"]) == 0
+    assert extract([str(labelled_images), "--out", str(out), "--weights", "random:0",
+                    "--layer", "fc6", "--shard-size", "4", "--overwrite"]) == 0
+    (out / "_plan/plan.json").write_text("{ truncated")  # an unreadable plan
+    assert extract([str(labelled_images), "--out", str(out), "--weights", "random:0",
+                    "--limit", "5", "--shard-size", "3", "--overwrite"]) == 0
+    for name, text in planted.items():
+        assert (out / name).read_text() == text, name
+    assert pq.read_table(out / "part-00099.parquet").num_rows == 1
+    fc7_parts = [p for p in out.glob("part-0000*.parquet")]
+    assert sorted(p.name for p in fc7_parts) == ["part-00000.parquet", "part-00001.parquet"]
+    assert sum(pq.read_table(p).num_rows for p in fc7_parts) == 5
+
+
+def test_non_finite_embeddings_become_error_rows(tmp_path, labelled_images):
+    state = load_weights("random:0").state_dict
+    broken = {name: tensor.clone() for name, tensor in state.items()}
+    broken["classifier.4.bias"][7] = float("nan")  # fc7's unit 7 for every image
+    torch.save(broken, tmp_path / "nan.pth")
+    huge = {name: tensor.clone() for name, tensor in state.items()}
+    huge["classifier.4.bias"] += 1e5  # fine in float32, beyond float16's 65504
+    torch.save(huge, tmp_path / "huge.pth")
+    for weights, dtype in [("nan.pth", "float32"), ("huge.pth", "float16")]:
+        out = tmp_path / f"out-{weights}"
+        assert extract([str(labelled_images), "--out", str(out), "--weights",
+                        str(tmp_path / weights), "--dtype", dtype]) == 0
+        errors = pq.read_table(out)["error"].to_pylist()
+        assert len(errors) == 12
+        assert all(e.startswith("non-finite embedding") for e in errors), errors[:2]
+    out = tmp_path / "out-float32"
+    assert extract([str(labelled_images), "--out", str(out), "--weights",
+                    str(tmp_path / "huge.pth")]) == 0
+    assert pq.read_table(out)["error"].null_count == 12

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -288,3 +289,123 @@ def test_add_refuses_settings_it_would_ignore(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--add keeps the index's own settings; drop --kind"):
         index_main([str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--add",
                     "--kind", "hnsw"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt index folders whose manifest was updated to match: named, never used
+
+
+def update_sha(index_dir: Path, name: str = fx.INDEX_FILE) -> None:
+    """Give the manifest the sha256 of `name` as it is now (as a careless repair would)."""
+    manifest = json.loads((index_dir / fx.MANIFEST_FILE).read_text())
+    key = "index_sha256" if name == fx.INDEX_FILE else "ids_sha256"
+    manifest["files"][key] = file_sha256(index_dir / name)
+    (index_dir / fx.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+# The largest code vector FAISS agrees to allocate before reading it (256 GiB).
+HUGE = fx.faiss.get_deserialization_vector_byte_limit() // 4 - 1
+
+
+def flat_with_size_field(data: bytes, size: int) -> bytes:
+    # IndexFlat: fourcc, d, ntotal, 2 dummies, is_trained, metric (37 bytes), then the size of
+    # its code vector.
+    return data[:37] + size.to_bytes(8, "little") + data[45:]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: data[: len(data) // 2], "not a readable FAISS index"),
+        (lambda data: np.random.default_rng(0).bytes(len(data)), "not a readable FAISS index"),
+        (
+            lambda data: data[:60] + np.random.default_rng(0).bytes(len(data) - 60),
+            "corrupt: stored vectors that are not finite",
+        ),
+        (lambda data: flat_with_size_field(data, HUGE), "more data than this machine's memory"),
+    ],
+    ids=["truncated", "random-bytes", "random-vectors", "huge-size-field"],
+)
+def test_corrupt_index_file_with_a_matching_sha_is_named(small_index: Path, damage, message):
+    if message.startswith("more data"):
+        overcommit = Path("/proc/sys/vm/overcommit_memory")
+        if fx.machine_memory() >= HUGE or (
+            overcommit.is_file() and overcommit.read_text().strip() == "1"
+        ):
+            pytest.skip("this machine could grant the allocation (and FAISS would fill it)")
+    path = small_index / fx.INDEX_FILE
+    path.write_bytes(damage(path.read_bytes()))
+    update_sha(small_index)
+    with pytest.raises(ArtifactError, match=rf"^{path}: .*{message}"):
+        fx.load_index(small_index)
+
+
+def test_scrambled_inverted_lists_and_graph_links_are_refused(tmp_path: Path) -> None:
+    x, _ = clustered_vectors(800, DIM, seed=8)
+    write_embeddings(tmp_path / "emb", x)
+    for kind in ("ivf-flat", "hnsw"):
+        folder = tmp_path / kind
+        build(tmp_path / "emb", folder, kind=kind)
+        index = fx.faiss.read_index(str(folder / fx.INDEX_FILE))
+        part = fx.faiss.downcast_index(index)
+        if kind == "ivf-flat":  # an id beyond the 800 vectors: search would name no item
+            code = fx.faiss.rev_swig_ptr(part.invlists.get_single_code(0, 0), part.code_size)
+            part.invlists.update_entry(0, 0, 10**6, fx.faiss.swig_ptr(code.copy()))
+        else:  # a link beyond the stored vectors: search would read outside memory
+            links = part.hnsw.neighbors
+            fx.faiss.rev_swig_ptr(links.data(), links.size())[5] = 10**6
+        fx.faiss.write_index(index, str(folder / fx.INDEX_FILE))
+        update_sha(folder)
+        with pytest.raises(ArtifactError, match=rf"^{folder / fx.INDEX_FILE}: "):
+            fx.load_index(folder)
+
+
+@pytest.mark.parametrize(
+    "built, written, faiss_metric",
+    [("cosine", "ip", "L2"), ("l2", "ip", "L2"), ("ip", "cosine", "inner product")],
+)
+def test_manifest_metric_must_match_the_faiss_metric(tmp_path, built, written, faiss_metric):
+    x, _ = clustered_vectors(300, DIM, seed=4)
+    write_embeddings(tmp_path / "emb", x)
+    build(tmp_path / "emb", tmp_path / "index", kind="flat", metric=built)
+    fx.load_index(tmp_path / "index")
+    manifest = json.loads((tmp_path / "index" / fx.MANIFEST_FILE).read_text())
+    manifest["metric"] = written
+    (tmp_path / "index" / fx.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(
+        ArtifactError, match=f"searches by {faiss_metric} but the manifest's metric is {written}"
+    ):
+        fx.load_index(tmp_path / "index")
+
+
+def rewrite_ids(index_dir: Path, metadata: dict[bytes, bytes]) -> None:
+    path = index_dir / fx.IDS_FILE
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+    update_sha(index_dir, fx.IDS_FILE)
+
+
+def test_the_id_map_schema_version_is_checked(small_index: Path) -> None:
+    metadata = pq.read_schema(small_index / fx.IDS_FILE).metadata
+    assert json.loads(metadata[fx.IDS_METADATA_KEY]) == {"schema_version": 1, "count": 300}
+    rewrite_ids(small_index, metadata)  # as written by the previous release: still loads
+    assert fx.load_index(small_index).manifest["count"] == 300
+    newer = {**metadata, fx.IDS_METADATA_KEY: b'{"schema_version": 2, "count": 300}'}
+    rewrite_ids(small_index, newer)
+    with pytest.raises(ArtifactError, match=r"ids\.parquet: id map schema 2 is newer"):
+        fx.load_index(small_index)
+    rewrite_ids(small_index, {k: v for k, v in metadata.items() if k != fx.IDS_METADATA_KEY})
+    with pytest.raises(ArtifactError, match=r"ids\.parquet: not an fc7 id map"):
+        fx.load_index(small_index)
+
+
+def test_a_damaged_id_map_fails_its_page_checksum(small_index: Path) -> None:
+    path = small_index / fx.IDS_FILE
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(2)  # the paths
+    end = (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size
+    data = bytearray(path.read_bytes())
+    data[end - 5] ^= 0xFF  # inside the last page's data, past its header
+    path.write_bytes(bytes(data))
+    update_sha(small_index, fx.IDS_FILE)
+    with pytest.raises(ArtifactError, match=rf"^{path}: damaged .*checksum"):
+        fx.load_index(small_index)

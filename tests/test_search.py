@@ -12,7 +12,7 @@ import pytest
 from pipeline import index as fx
 from pipeline.cli import main as fc7
 from pipeline.decode import ImageDecodeError
-from pipeline.errors import ProvenanceMismatch
+from pipeline.errors import ArtifactError, ProvenanceMismatch
 from pipeline.search import Match, SimilarityIndex
 from pipeline.store import EmbeddingDataset
 from tests.conftest import clustered_vectors, write_embeddings, write_labelled_folder
@@ -177,3 +177,30 @@ def test_image_query_end_to_end(tmp_path: Path, capsys) -> None:
     assert fc7(["query", str(tmp_path / "index"), "--image", str(bad)]) == 1
     error = capsys.readouterr().err.strip()
     assert f"--image {bad}" in error and "\n" not in error
+
+
+def test_reread_vectors_are_checked_like_every_read(tmp_path: Path, capsys) -> None:
+    # Fast-scan PQ gives no vectors back, so an id query re-reads the source embeddings; a
+    # damaged source keeps its size and row count (so its fingerprint) but fails its checksum.
+    x, _ = clustered_vectors(700, DIM, seed=12)
+    write_embeddings(tmp_path / "emb", x, shards=2)
+    build(tmp_path / "emb", tmp_path / "index", kind="IVF16,PQ8x4fs")
+    part = tmp_path / "emb" / "part-00001.parquet"
+    data = bytearray(part.read_bytes())
+    for position in range(len(data) // 2, len(data) // 2 + 20):
+        data[position] ^= 0xFF
+    part.write_bytes(bytes(data))
+    index = SimilarityIndex.open(tmp_path / "index", device="cpu")
+    with pytest.raises(ArtifactError, match=rf"^{part}: damaged .*checksum"):
+        index.search_ids(["img_000600.jpg"], k=3)
+    assert fc7(["query", str(tmp_path / "index"), "--id", "img_000600.jpg"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"fc7 query: error: {part}: damaged") and "\n" not in error
+
+
+def test_a_position_beyond_the_id_map_is_an_error_not_a_dropped_result(indexed) -> None:
+    loaded = fx.load_index(indexed[0])
+    loaded.ids, loaded.paths, loaded.labels = loaded.ids[:5], loaded.paths[:5], loaded.labels[:5]
+    index = SimilarityIndex(loaded, device="cpu")
+    with pytest.raises(ArtifactError, match="beyond its 5 ids; the index is corrupt"):
+        index.search_vectors(indexed[1][700], k=3)
