@@ -1,4 +1,5 @@
 """The search page in a real browser: headless Chromium (Debian's package) driven by Playwright.
+Also what a page of another site can do there: nothing (DNS rebinding, cross-site uploads).
 
 Skipped where /usr/bin/chromium or the playwright client is missing; `.ci/install-browser.sh`
 installs Chromium in CI (Playwright's own browser download is never used).
@@ -6,6 +7,8 @@ installs Chromium in CI (Playwright's own browser download is never used).
 
 from __future__ import annotations
 
+import http.server
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # Another site on this machine, and a name an attacker rebinds to 127.0.0.1 (DNS rebinding).
+    "--host-resolver-rules=MAP attacker.example 127.0.0.1",
 ]
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed")
@@ -43,6 +48,31 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
+def attacker_site():
+    """The origin of another web site (attacker.example, resolved to 127.0.0.1 by Chromium's
+    --host-resolver-rules) serving an ordinary page from its own port."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>another site</title><p>nothing to see"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://attacker.example:{site.server_port}"
+    site.shutdown()
+    site.server_close()
+
+
+@pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -57,6 +87,13 @@ def test_uploading_an_image_shows_it_first_then_pages_and_follows_clicks(
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
+
+    def blocked(message: sync_api.ConsoleMessage) -> None:
+        # Chromium reports what the Content-Security-Policy blocks on the console.
+        if "Content Security Policy" in message.text:
+            errors.append(message.text)
+
+    page.on("console", blocked)
     page.goto(url + "/")
     sync_api.expect(page.locator("#info")).to_contain_text("27 images")
 
@@ -106,4 +143,35 @@ def test_a_non_image_upload_shows_the_servers_message(server, browser, tmp_path:
     sync_api.expect(status).to_contain_text("415")
     sync_api.expect(status).to_contain_text("not an image")
     assert "error" in status.get_attribute("class")
+    page.close()
+
+
+def test_another_site_can_neither_read_nor_post_to_the_server(
+    server, browser, attacker_site
+) -> None:
+    url, images = server
+    port = url.rsplit(":", 1)[1]
+    page = browser.new_page()
+    # DNS rebinding: attacker.example now resolves to 127.0.0.1, so its page and this server
+    # share an origin; the server answers no request naming that host.
+    rebound = page.goto(f"http://attacker.example:{port}/")
+    assert rebound.status == 400
+    assert page.evaluate("async () => (await fetch('/info')).status") == 400
+
+    # Cross-site request forgery: a page of another site makes the browser upload an image.
+    page.goto(attacker_site + "/")
+    data = list((images / "class_0" / "img_0.jpg").read_bytes())
+    with page.expect_response(lambda response: response.url.startswith(url)) as answer:
+        page.evaluate(
+            """async ([target, bytes]) => {
+                const form = new FormData();
+                const image = new Blob([new Uint8Array(bytes)], { type: "image/jpeg" });
+                form.append("image", image, "a.jpg");
+                await fetch(target, { method: "POST", body: form, mode: "no-cors" });
+            }""",
+            [url + "/search?k=5", data],
+        )
+    # The host (127.0.0.1) is allowed and the image is valid: only the Origin check refuses it.
+    # (Playwright does not show a no-cors request's Origin header, nor its opaque answer's body.)
+    assert answer.value.status == 403
     page.close()
