@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `ray job sub
 
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.cli import run  # noqa: E402
-from pipeline.config import add_option, load_config, new_parser  # noqa: E402
+from jobs import run  # noqa: E402
+from pipeline.config import parse_config  # noqa: E402
 from pipeline.extract import (  # noqa: E402
     ExtractConfig,
     ShardStats,
@@ -34,40 +34,9 @@ EPILOG = """examples:
 Run the same command again to resume an interrupted run."""
 
 
-def parse(argv):
-    parser = new_parser("fc7 extract", "Embed images with AlexNet into Parquet.", EPILOG)
-    parser.add_argument("source", nargs="?", help="folder of images, or a .txt/.csv/.parquet "
-                        "manifest (local path or s3://, gs:// URI)")
-    add_option(parser, "--out", ExtractConfig, "output folder or URI for the Parquet dataset")
-    add_option(parser, "--weights", ExtractConfig, "'imagenet' (torch hub cache, downloaded if "
-               "missing), 'random' or 'random:SEED' (a seeded smoke test), or a .pth state dict")
-    add_option(parser, "--layer", ExtractConfig, "layer to output: fc7, fc6 (4096-d) or pool5 "
-               "(9216-d)", choices=["fc7", "fc6", "pool5"])
-    add_option(parser, "--batch-size", ExtractConfig, "images per model call", type=int)
-    add_option(parser, "--device", ExtractConfig, "auto (CUDA if any), cpu or cuda",
-               choices=["auto", "cpu", "cuda"])
-    add_option(parser, "--dtype", ExtractConfig, "stored vector type",
-               choices=["float32", "float16"])
-    add_option(parser, "--limit", ExtractConfig, "embed only the first N images", type=int)
-    add_option(parser, "--num-workers", ExtractConfig, "model replicas (Ray actors); none "
-               "means one per GPU, or one per 8 CPUs", type=int)
-    add_option(parser, "--cpus-per-worker", ExtractConfig, "CPUs (threads) per replica; none "
-               "means all CPUs per GPU, or up to 8", type=int)
-    add_option(parser, "--shard-size", ExtractConfig, "images per output part file", type=int)
-    add_option(parser, "--max-pixels", ExtractConfig, "refuse images larger than this "
-               "(width x height, read from the header before decoding)", type=int)
-    add_option(parser, "--max-bytes", ExtractConfig, "refuse files larger than this, e.g. "
-               "512MiB (only regular files are read: never devices or FIFOs)", metavar="SIZE")
-    add_option(parser, "--decode-memory", ExtractConfig, "memory the decodes of one worker may "
-               "hold at once, e.g. 2GiB; an image that needs more is an error row",
-               metavar="SIZE")
-    add_option(parser, "--overwrite", ExtractConfig, "replace an fc7 output made with other "
-               "settings; deletes only the files fc7 wrote there", action="store_true")
-    return load_config(ExtractConfig, parser.parse_args(argv))
-
-
-def main(argv=None) -> int:
-    config = parse(argv)
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(ExtractConfig, argv, "fc7 extract",
+                          "Embed images with AlexNet into Parquet.", EPILOG)
     provenance = make_provenance(load_weights(config.weights), config.layer, config.dtype)
     plan = prepare_output(config, provenance) or write_plan(
         config, provenance, iter_inputs(config.source)

@@ -1,23 +1,35 @@
-"""One validated config model per job: YAML file, then command-line flags on top, then pydantic.
+"""One validated config model per job, and the command line generated from it.
 
-Every flag's default comes from the pydantic model, so `--help`, the YAML example and the code
-cannot disagree. Flags are parsed with `argparse.SUPPRESS` so that only the flags a user typed
-override the YAML file.
+Each option is declared once, as a field of the job's pydantic model with its help text
+(`option(...)`). `parse_config` builds the argparse interface from the model, reads the YAML
+file named by `--config`, lays the flags the user typed on top and validates the result. So
+`--help`, the YAML keys, the defaults and the checks cannot disagree.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ConfigError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+# Devices are named as torch names them; `gpu` is accepted as an alias of `cuda`.
+DEVICE_ALIASES = {"gpu": "cuda"}
+Device = Annotated[
+    Literal["auto", "cpu", "cuda"],
+    BeforeValidator(lambda value: DEVICE_ALIASES.get(value, value)),
+]
+
+# A size as a user writes it (`4GB`, `512MiB`, `1.5G`, `1000000`), validated into bytes.
+Size = Annotated[ByteSize, Field(gt=0)]
 
 
 class JobConfig(BaseModel):
@@ -26,8 +38,57 @@ class JobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-def new_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    """An argument parser whose help keeps our line breaks and has a `--config FILE` flag."""
+def option(
+    default: Any = ...,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    positional: bool = False,
+    **constraints: Any,
+) -> Any:
+    """A config field that is also a command-line option.
+
+    Args:
+        default: the default (`...`: required, from the command line or YAML).
+        help: one line for `--help`; `(default: X)` is appended from `default`.
+        flag: the flag when it is not `--field-name` (e.g. `-k`, `--json`).
+        metavar: the value's name in `--help` (default: the field's name in capitals).
+        positional: an argument without a flag (still optional on the command line, so that
+            the YAML file may give it).
+        constraints: pydantic `Field` constraints such as `ge=1`.
+
+    Example:
+        >>> class Example(JobConfig):
+        ...     k: int = option(10, "results per query", flag="-k", ge=1)
+    """
+    cli = {"flag": flag, "metavar": metavar, "positional": positional}
+    return Field(default, description=help, json_schema_extra={"cli": cli}, **constraints)
+
+
+def parse_config(
+    model: type[ConfigT],
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    epilog: str | None = None,
+) -> ConfigT:
+    """Parse `argv` (YAML from `--config`, flags on top) into a validated `model`.
+
+    Raises:
+        ConfigError: unreadable YAML or an invalid value; the message names the flag.
+    """
+    return load_config(model, new_parser(model, prog, description, epilog).parse_args(argv))
+
+
+def new_parser(
+    model: type[BaseModel], prog: str, description: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    """The argparse interface of `model`: `--config FILE`, then one argument per field.
+
+    Flags are parsed with `argparse.SUPPRESS` so that only the flags a user typed override the
+    YAML file; the values are validated by the model, not by argparse.
+    """
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -41,28 +102,77 @@ def new_parser(prog: str, description: str, epilog: str | None = None) -> argpar
         help="YAML file with any of the options below; flags given here override it "
         "(default: none)",
     )
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra
+        cli = extra.get("cli") if isinstance(extra, dict) else None
+        if cli is None:
+            continue
+        _add_argument(parser, name, info, cli)
     return parser
 
 
-def add_option(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    flag: str,
-    model: type[BaseModel],
-    help: str,
-    field: str | None = None,
-    **kwargs: Any,
-) -> None:
-    """Add `flag` for `model.field`, its help ending with `(default: X)` read from the model
-    (`(default: required)` for a field without default, which YAML may also provide)."""
-    name = field or flag.lstrip("-").replace("-", "_")
-    info = model.model_fields[name]
+def _add_argument(parser: argparse.ArgumentParser, name: str, info: Any, cli: dict) -> None:
+    choices = _choices(info.annotation)
+    metavar = cli["metavar"] or ("{" + ",".join(choices) + "}" if choices else name.upper())
+    kwargs: dict[str, Any] = {"help": f"{info.description} (default: {_shown_default(info)})"}
+    if _is_list(info.annotation):
+        kwargs.update(nargs="+", metavar=metavar)
+    elif _is_bool(info.annotation):
+        # an option that is on by default is turned off with --no-NAME
+        kwargs.update(action=argparse.BooleanOptionalAction if info.default else "store_true")
+    else:
+        kwargs.update(metavar=metavar)
+    if cli["positional"]:
+        kwargs.pop("metavar", None)
+        parser.add_argument(name, nargs="?", metavar=cli["metavar"] or name.upper(),
+                            help=info.description)
+        return
+    flag = cli["flag"] or "--" + name.replace("_", "-")
+    parser.add_argument(flag, dest=name, **kwargs)
+
+
+def _shown_default(info: Any) -> str:
+    if info.is_required():
+        return "required"
     default = info.default
-    shown = "required" if info.is_required() else "none" if default is None else default
-    if isinstance(default, bool) and kwargs.get("action") == "store_true":
-        shown = "off" if not default else "on"
-    if isinstance(default, list):
-        shown = " ".join(map(str, default)) or "none"
-    parser.add_argument(flag, dest=name, help=f"{help} (default: {shown})", **kwargs)
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, (list, tuple)):
+        return " ".join(map(str, default)) or "none"
+    return str(default)
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of `X | None`, `Annotated[X, ...]` and `Optional[X]`, else (X,)."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(
+            member
+            for arg in typing.get_args(annotation)
+            for member in _members(arg)
+            if member is not type(None)
+        )
+    return (annotation,)
+
+
+def _choices(annotation: Any) -> list[str]:
+    return [
+        str(value)
+        for member in _members(annotation)
+        if typing.get_origin(member) is Literal
+        for value in typing.get_args(member)
+    ]
+
+
+def _is_list(annotation: Any) -> bool:
+    return any(typing.get_origin(member) in (list, tuple) for member in _members(annotation))
+
+
+def _is_bool(annotation: Any) -> bool:
+    return _members(annotation) == (bool,)
 
 
 def load_config(model: type[ConfigT], args: argparse.Namespace) -> ConfigT:
@@ -90,14 +200,26 @@ def load_config(model: type[ConfigT], args: argparse.Namespace) -> ConfigT:
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        raise ConfigError(_describe(err, config_path)) from None
+        raise ConfigError(_describe(err, model, config_path)) from None
 
 
-def _describe(err: ValidationError, config_path: str | None) -> str:
+def flag_of(model: type[BaseModel], field: str) -> str:
+    """How a user writes `field` on the command line (`--batch-size`, `-k`, `SOURCE`)."""
+    info = model.model_fields.get(field)
+    extra = info.json_schema_extra if info is not None else None
+    cli = extra.get("cli") if isinstance(extra, dict) else None
+    if cli and cli["positional"]:
+        return cli["metavar"] or field.upper()
+    if cli and cli["flag"]:
+        return cli["flag"]
+    return "--" + field.replace("_", "-")
+
+
+def _describe(err: ValidationError, model: type[BaseModel], config_path: str | None) -> str:
     problems = []
     for item in err.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "config"
-        flag = "--" + field.replace("_", "-")
+        field = str(item["loc"][0]) if item["loc"] else ""
+        flag = flag_of(model, field)
         given = item.get("input")
         if not item["loc"]:  # a check across options: its message names them
             problems.append(item["msg"].removeprefix("Value error, "))
@@ -107,25 +229,5 @@ def _describe(err: ValidationError, config_path: str | None) -> str:
         elif item["type"] == "missing":
             problems.append(f"{flag} is required")
         else:
-            problems.append(f"{flag} {given!r}: {item['msg']}")
+            problems.append(f"{flag} {given!r}: {item['msg'].removeprefix('Value error, ')}")
     return "; ".join(problems)
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in a size like `4GB`, `512MiB`, `1.5G` or `1000000` (KB, MB, GB are powers of 10).
-
-    Raises:
-        ValueError: not a number with an optional unit.
-
-    Example:
-        >>> parse_size("1.5GB"), parse_size("1KiB"), parse_size(300)
-        (1500000000, 1024, 300)
-    """
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
-    if not match:
-        raise ValueError(f"{text!r} is not a size like 4GB, 512MiB or 1000000")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " kmgt".index(unit or " "))

@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import json
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -24,7 +24,40 @@ PARQUET_METADATA_KEY = b"fc7.provenance"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# The layers fc7 can output, in the order `--help` lists them, and their widths.
 LAYER_WIDTHS = {"fc7": 4096, "fc6": 4096, "pool5": 9216}
+Layer = Literal["fc7", "fc6", "pool5"]
+# Outputs of a ReLU (fc6, fc7) or of a max-pool over ReLUs (pool5): never negative.
+RELU_LAYERS = frozenset(LAYER_WIDTHS)
+
+
+def check_schema_version(found: Any, supported: int, where: str, fix: str) -> int:
+    """The schema version `found` in an artifact, refused unless this fc7 reads it.
+
+    Every artifact (Parquet provenance, index, ids, classifier, predictions) records an integer
+    schema version; this is the one place that reads it.
+
+    Args:
+        found: the recorded value (any type: it comes from a file).
+        supported: the newest version this fc7 reads (older ones are read too).
+        where: the file, for the message.
+        fix: what the user can do, e.g. "rebuild the index".
+
+    Raises:
+        ArtifactError: missing, not an integer, or newer than `supported`.
+
+    Example:
+        >>> check_schema_version(1, 1, "index/manifest.json", "rebuild the index")
+        1
+    """
+    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+        raise ArtifactError(f"{where}: no valid schema version ({found!r}); {fix}")
+    if found > supported:
+        raise ArtifactError(
+            f"{where}: written by a newer fc7 (schema {found}, this one reads {supported}); "
+            f"upgrade fc7 or {fix}"
+        )
+    return found
 
 
 def file_sha256(path: str | Path) -> str:
@@ -99,12 +132,24 @@ class Provenance(BaseModel):
                 diffs.append(f"{name}: {mine} vs {theirs}")
         return diffs
 
-    def require_compatible(self, other: Provenance, mine: str, theirs: str) -> None:
-        """Raise `ProvenanceMismatch` naming both artifacts when feature spaces differ."""
+    def require_compatible(
+        self, other: Provenance, mine: str, theirs: str, same_dtype: bool = False, fix: str = ""
+    ) -> None:
+        """The one "same features" check: raise `ProvenanceMismatch` naming both artifacts
+        and what differs when their feature spaces (and, if `same_dtype`, stored types) differ.
+
+        Args:
+            mine, theirs: how the message names the two artifacts.
+            same_dtype: also require the same stored vector type (for files of one dataset).
+            fix: what the user can do, appended to the message.
+        """
         diffs = self.differences(other)
+        if same_dtype and self.dtype != other.dtype:
+            diffs.append(f"dtype: {self.dtype} vs {other.dtype}")
         if diffs:
             raise ProvenanceMismatch(
                 f"{theirs} was made with different features than {mine}: " + "; ".join(diffs)
+                + (f"; {fix}" if fix else "")
             )
 
     def to_json(self) -> str:
@@ -121,12 +166,9 @@ class Provenance(BaseModel):
             data = json.loads(text)
         except (ValueError, TypeError) as err:
             raise ArtifactError(f"{where}: provenance is not valid JSON ({err})") from err
-        version = data.get("schema_version") if isinstance(data, dict) else None
-        if isinstance(version, int) and version > SCHEMA_VERSION:
-            raise ArtifactError(
-                f"{where}: written by a newer fc7 (schema {version}, this one reads "
-                f"{SCHEMA_VERSION}); upgrade fc7"
-            )
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{where}: provenance is not a JSON object")
+        check_schema_version(data.get("schema_version"), SCHEMA_VERSION, where, "re-extract")
         try:
             return cls.model_validate(data)
         except ValidationError as err:

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import SourceError
-from pipeline.store import resolve
+from pipeline.fs import normalize_source, resolve, uri_builder
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".parquet")
@@ -36,13 +36,6 @@ class InputImage:
     id: str
     path: str  # absolute local path or full URI
     label: str | None
-
-
-def normalize_source(source: str) -> str:
-    """An absolute local path or a URI, as recorded in outputs."""
-    if "://" in source:
-        return source.rstrip("/")
-    return posixpath.abspath(str(source))
 
 
 def iter_inputs(source: str) -> Iterator[InputImage]:
@@ -70,9 +63,9 @@ def iter_inputs(source: str) -> Iterator[InputImage]:
     if info.type == pafs.FileType.Directory and isinstance(fs, pafs.LocalFileSystem):
         yield from _walk_local_folder(path)
     elif info.type == pafs.FileType.Directory:
-        yield from _walk_folder(fs, path, _uri_builder(source))
+        yield from _walk_folder(fs, path, uri_builder(source))
     elif info.type == pafs.FileType.File and path.lower().endswith(MANIFEST_EXTENSIONS):
-        yield from _read_manifest(fs, path, _uri_builder(source))
+        yield from _read_manifest(fs, path, uri_builder(source))
     elif info.type == pafs.FileType.NotFound:
         raise SourceError(f"{source}: no such folder or manifest file")
     else:
@@ -105,7 +98,7 @@ def read_image_bytes(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     try:
         if "://" not in path:
             return _read_local(path, max_bytes)
-        fs, fs_path = pafs.FileSystem.from_uri(path)
+        fs, fs_path = resolve(path)
         info = fs.get_file_info(fs_path)
         if info.type == pafs.FileType.NotFound:
             raise InputReadError("cannot read file: No such file or directory")
@@ -159,16 +152,6 @@ def _read_at_most(stream, max_bytes: int) -> bytes:
     data = stream.read(max_bytes + 1)
     _check_size(len(data), max_bytes)
     return data
-
-
-def _uri_builder(source: str) -> Callable[[str], str]:
-    """Turns a file-system path back into what `read_image_bytes` opens: the source's scheme and
-    query (`?endpoint_override=...&region=...`) around it. Local paths stay as they are."""
-    if "://" not in source:
-        return lambda path: path
-    scheme = source[: source.index("://")]
-    query = source.partition("?")[2]
-    return lambda path: f"{scheme}://{path}" + (f"?{query}" if query else "")
 
 
 def _image_entry(relative: str, path: str) -> InputImage | None:

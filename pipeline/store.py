@@ -25,15 +25,13 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.errors import ArtifactError, ProvenanceMismatch
-from pipeline.provenance import PARQUET_METADATA_KEY, Provenance
+from pipeline.errors import ArtifactError
+from pipeline.fs import resolve
+from pipeline.provenance import PARQUET_METADATA_KEY, RELU_LAYERS, Provenance
 
 PART_PREFIX = "part-"
 # The name `write_table_atomically` writes under before moving a file into place.
 TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{32}\.tmp")
-# fc7, fc6 and pool5 are all taken after a ReLU (pipeline/model.py): a negative value can only
-# come from damage.
-RELU_LAYERS = frozenset({"fc7", "fc6", "pool5"})
 # Far beyond any AlexNet activation (random:0 weights give at most 0.12 on generated images,
 # trained ones tens to hundreds), yet a flipped high exponent bit gives 1e19..1e38. Squares of
 # values up to here cannot overflow float32 in a norm or a distance over 9216 dimensions.
@@ -61,13 +59,6 @@ def embedding_schema(provenance: Provenance) -> pa.Schema:
         ],
         metadata={PARQUET_METADATA_KEY: provenance.to_json().encode()},
     )
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow file system and path for a local path or a URI (s3://, gs://, file://)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(uri)
 
 
 def write_table_atomically(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
@@ -183,10 +174,9 @@ class EmbeddingDataset:
             _check_columns(schema, found, file)
             if provenance is None:
                 provenance, first = found, file
-            elif found.differences(provenance) or found.dtype != provenance.dtype:
-                raise ProvenanceMismatch(
-                    f"{uri}: part files disagree: {file} vs {first}: "
-                    + "; ".join(found.differences(provenance) or ["dtype differs"])
+            else:
+                provenance.require_compatible(
+                    found, first, f"{uri}: part file {file}", same_dtype=True
                 )
         return cls(uri=uri, dataset=dataset, provenance=provenance)
 
@@ -309,6 +299,7 @@ class EmbeddingDataset:
         values = column.flatten().to_numpy(zero_copy_only=False)  # non-null rows only
         if not len(values):
             return
+        # after a ReLU a negative value can only come from damage
         floor = 0.0 if self.provenance.layer in RELU_LAYERS else -MAX_VALUE
         # One pass each, no temporaries; NaN fails both comparisons.
         if values.min() >= floor and values.max() <= MAX_VALUE:

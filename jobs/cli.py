@@ -1,4 +1,4 @@
-"""`fc7`: one console script, one subcommand per job. Each subcommand lives in its own module.
+"""`fc7`: one console script, one subcommand per job. Each subcommand is a script in `jobs/`.
 
 Subcommand modules expose `main(argv) -> int`; they are imported only when called, so
 `fc7 --help` is instant and a missing optional dependency only affects its own command.
@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable
 
+from jobs import run
 from pipeline import __version__
-from pipeline.errors import ConfigError, PipelineError
 
 COMMANDS = {
     "extract": ("jobs.extract", "embed images (folder, manifest, s3://, gs://) into Parquet"),
     "index": ("jobs.build_index", "build or extend a FAISS similarity index from embeddings"),
-    "query": ("pipeline.search", "find the images most similar to images, ids or vectors"),
+    "query": ("jobs.query", "find the images most similar to images, ids or vectors"),
     "train": ("jobs.train_classifier", "train and evaluate a classifier on labelled embeddings"),
     "predict": ("jobs.predict", "label embeddings or images with a trained classifier"),
-    "serve": ("pipeline.serve", "serve an index over HTTP with a search web page"),
+    "serve": ("jobs.serve", "serve an index over HTTP with a search web page"),
 }
 
 USAGE = f"""usage: fc7 COMMAND [options]   (fc7 COMMAND --help for its options)
@@ -34,25 +33,6 @@ example:
   fc7 index out/embeddings --out out/index
   fc7 query out/index --image examples/images/dalmatian/image_0001.jpg -k 5
 """
-
-
-def run(command: str, main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
-    """Run a subcommand's `main`, turning our typed errors into one clear line and an exit code.
-
-    Exit status: 0 done, 1 the job could not run (bad input, unreadable source, mismatched
-    artifacts), 2 bad arguments, 130 interrupted.
-    """
-    try:
-        return main(argv)
-    except ConfigError as err:
-        print(f"fc7 {command}: error: {err}", file=sys.stderr)
-        return 2
-    except PipelineError as err:
-        print(f"fc7 {command}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"fc7 {command}: interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

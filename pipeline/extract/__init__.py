@@ -1,0 +1,27 @@
+"""Extraction: plan the inputs into shards, embed each shard, write one atomic part per shard.
+
+    config   ExtractConfig, the options of `fc7 extract`
+    plan     the plan of a run and the output folder it owns (resume, --overwrite)
+    worker   ShardEmbedder: embeds one shard into its part file
+    runner   runs the shards on Ray and sums up what they did
+"""
+
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.plan import Plan, pending_shards, prepare_output, write_plan
+from pipeline.extract.runner import run_shards, start_ray, stop_ray, summary, worker_layout
+from pipeline.extract.worker import ShardEmbedder, ShardStats
+
+__all__ = [
+    "ExtractConfig",
+    "Plan",
+    "ShardEmbedder",
+    "ShardStats",
+    "pending_shards",
+    "prepare_output",
+    "run_shards",
+    "start_ray",
+    "stop_ray",
+    "summary",
+    "worker_layout",
+    "write_plan",
+]

@@ -1,0 +1,76 @@
+"""The options of `fc7 extract`: one validated model, also the command line."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import PositiveInt, field_validator
+
+from pipeline.config import Device, JobConfig, Size, option
+from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.fs import normalize_source
+from pipeline.model import parse_weights_spec
+from pipeline.provenance import Layer
+
+
+class ExtractConfig(JobConfig):
+    """Options of `fc7 extract` (and `jobs/extract.py`, `configs/extract.yaml`)."""
+
+    source: str = option(
+        help="folder of images, or a .txt/.csv/.parquet manifest (local path or s3://, gs:// "
+        "URI)",
+        positional=True,
+    )
+    out: str = option(help="output folder or URI for the Parquet dataset")
+    weights: str = option(
+        "imagenet",
+        "'imagenet' (torch hub cache, downloaded if missing), 'random' or 'random:SEED' (a "
+        "seeded smoke test), or a .pth state dict",
+    )
+    layer: Layer = option("fc7", "layer to output: fc7, fc6 (4096-d) or pool5 (9216-d)")
+    batch_size: PositiveInt = option(64, "images per model call", metavar="N")
+    device: Device = option("auto", "auto (CUDA if any), cpu or cuda (gpu is an alias)")
+    dtype: Literal["float32", "float16"] = option("float32", "stored vector type")
+    limit: PositiveInt | None = option(None, "embed only the first N images", metavar="N")
+    num_workers: PositiveInt | None = option(
+        None, "model replicas (Ray actors); none means one per GPU, or one per 8 CPUs",
+        metavar="N",
+    )
+    cpus_per_worker: PositiveInt | None = option(
+        None, "CPUs (threads) per replica; none means all CPUs per GPU, or up to 8", metavar="N"
+    )
+    shard_size: PositiveInt = option(256, "images per output part file", metavar="N")
+    max_pixels: PositiveInt = option(
+        DEFAULT_MAX_PIXELS,
+        "refuse images larger than this (width x height, read from the header before decoding)",
+        metavar="N",
+    )
+    # Sizes as a user writes them, so that --help shows "512MiB"; validated into bytes.
+    max_bytes: Size = option(
+        "512MiB",
+        "refuse files larger than this, e.g. 512MiB (only regular files are read: never devices "
+        "or FIFOs)",
+        metavar="SIZE",
+        validate_default=True,
+    )
+    decode_memory: Size = option(
+        "2GiB",
+        "memory the decodes of one worker may hold at once, e.g. 2GiB; an image that needs more "
+        "is an error row",
+        metavar="SIZE",
+        validate_default=True,
+    )
+    overwrite: bool = option(
+        False,
+        "replace an fc7 output made with other settings; deletes only the files fc7 wrote there",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _normalise_weights(cls, value: str) -> str:
+        return parse_weights_spec(value)
+
+    @field_validator("source", "out")
+    @classmethod
+    def _normalise_location(cls, value: str) -> str:
+        return normalize_source(value)

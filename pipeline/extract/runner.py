@@ -1,0 +1,168 @@
+"""Running the shards of a plan on Ray: one `ShardEmbedder` actor per model replica (GPU actors
+where there are GPUs), two shards queued per actor, a summary at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pipeline.errors import (
+    PipelineError,
+)
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.plan import Plan
+from pipeline.extract.worker import ShardEmbedder, ShardStats
+
+
+def summary(stats: ShardStats, plan: Plan, seconds: float, skipped_shards: int) -> str:
+    """The lines printed at the end of a run."""
+    lines = [
+        f"fc7 extract: {plan.out}",
+        f"  images in plan: {plan.inputs:,} in {plan.shards:,} shards"
+        + (f" ({skipped_shards:,} already done)" if skipped_shards else ""),
+        f"  this run: seen {stats.seen:,}, embedded {stats.embedded:,}, failed {stats.failed:,}",
+        f"  time: {seconds:.1f} s in all, {stats.seen / max(seconds, 1e-9):.1f} images/s; "
+        f"{stats.seen / max(stats.finished - stats.started, 1e-9):.1f} images/s once the "
+        f"workers were up",
+    ]
+    for reason, count in stats.reasons.most_common(5):
+        lines.append(f"  failed: {count:,} x {reason}")
+    return "\n".join(lines)
+
+
+def start_ray() -> bool:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray of our
+    own; returns whether this call started one (then `stop_ray` stops it).
+
+    Never joins a Ray that `ray start` left on this machine unless RAY_ADDRESS says so: that
+    one runs in another Python environment, and when its head is dead `ray.init` waits forever.
+
+    Raises:
+        PipelineError: RAY_ADDRESS names a cluster that does not answer.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _require_answering(address)
+        ray.init(logging_level="WARNING")
+        return False
+    # Local workers import `pipeline` from this checkout even when it is not installed. No
+    # dashboard: on a laptop its processes take CPU from the model (about 5% on 2 cores).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    ray.init(
+        address="local",
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+        include_dashboard=False,
+        logging_level="WARNING",
+    )
+    return True
+
+
+def stop_ray() -> None:
+    """Stop the local Ray that `start_ray` started; a second Ctrl-C meanwhile is not an error."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except KeyboardInterrupt:
+        pass
+
+
+RAY_CONNECT_TIMEOUT_S = 10
+
+
+def _require_answering(address: str) -> None:
+    """Refuse a RAY_ADDRESS whose host does not take a connection, in seconds instead of
+    `ray.init`'s endless retries."""
+    if address == "auto":
+        import ray._private.services as services  # how `ray.init` itself resolves "auto"
+
+        try:
+            found = services.canonicalize_bootstrap_address(address)
+        except (ConnectionError, ValueError) as err:
+            raise PipelineError(f"RAY_ADDRESS=auto: no running Ray cluster found ({err})") from err
+        if found is None:
+            raise PipelineError("RAY_ADDRESS=auto: no running Ray cluster found on this machine")
+        address = found
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        return  # not host:port; let Ray say what it makes of it
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise PipelineError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({err.strerror or err}); "
+            "start it (ray start --head), or unset RAY_ADDRESS to run on a local Ray"
+        ) from None
+
+
+def worker_layout(config: ExtractConfig, resources: dict) -> tuple[int, int, bool]:
+    """(workers, CPUs per worker, on GPU) for the cluster's resources and the config.
+
+    One model replica per GPU; on CPU, replicas of up to 8 threads each (AlexNet's GEMMs scale
+    well to about 8 threads, past that more replicas do better).
+    """
+    cpus = max(1, int(resources.get("CPU", 1)))
+    gpus = int(resources.get("GPU", 0)) if config.device != "cpu" else 0
+    on_gpu = gpus > 0
+    per_worker = config.cpus_per_worker or (max(1, cpus // gpus) if on_gpu else min(cpus, 8))
+    workers = config.num_workers or (gpus if on_gpu else max(1, cpus // per_worker))
+    return workers, per_worker, on_gpu
+
+
+def run_shards(
+    config: ExtractConfig, plan: Plan, shards: list[int], on_shard_done
+) -> ShardStats:
+    """Embed `shards` on Ray actors; calls `on_shard_done(stats, total)` as each part lands."""
+    started = start_ray()
+    try:
+        return _run_on_actors(config, plan, shards, on_shard_done)
+    finally:
+        if started:
+            stop_ray()
+
+
+def _run_on_actors(config: ExtractConfig, plan: Plan, shards: list[int], on_shard_done):
+    import ray
+
+    workers, per_worker, on_gpu = worker_layout(config, ray.cluster_resources())
+    actor_class = ray.remote(ShardEmbedder).options(
+        num_cpus=per_worker, num_gpus=1 if on_gpu else 0, max_restarts=2, max_task_retries=2
+    )
+    actors = [
+        actor_class.remote(config, plan, per_worker) for _ in range(min(workers, len(shards)))
+    ]
+    todo = iter(shards)
+    in_flight: dict = {}
+
+    def submit(actor) -> None:
+        shard = next(todo, None)
+        if shard is not None:
+            in_flight[actor.__call__.remote(shard)] = actor
+
+    # Two shards queued per actor, so no actor waits for the driver between shards.
+    for actor in actors * 2:
+        submit(actor)
+    total = ShardStats()
+    while in_flight:
+        (ready,), _ = ray.wait(list(in_flight), num_returns=1)
+        actor = in_flight.pop(ready)
+        try:
+            stats = ray.get(ready)
+        except ray.exceptions.RayError as err:
+            # Ray already retried the shard; what is done stays done for the next run.
+            raise PipelineError(
+                f"a worker failed on a shard, also when retried ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[-1]}); run the same command again to resume"
+            ) from err
+        total.merge(stats)
+        on_shard_done(stats, total)
+        submit(actor)
+    return total

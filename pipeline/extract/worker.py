@@ -1,0 +1,163 @@
+"""Embedding one shard: read, decode in a thread pool while the model runs, write one part.
+
+The per-row cost of the engine (Ray) is paid once per shard, not once per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.decode import ImageDecodeError, decode_image
+from pipeline.errors import (
+    ProvenanceMismatch,
+)
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.plan import Plan
+from pipeline.fs import resolve
+from pipeline.model import Embedder, load_weights
+from pipeline.sources import (
+    InputReadError,
+    read_image_bytes,
+)
+from pipeline.store import build_table, write_table_atomically
+
+
+@dataclass
+class ShardStats:
+    """What one shard (or a whole run, once merged) did."""
+
+    seen: int = 0
+    embedded: int = 0
+    failed: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    # Wall-clock span (time.time()) in which the workers were embedding.
+    started: float = float("inf")
+    finished: float = 0.0
+
+    def merge(self, other: ShardStats) -> None:
+        self.seen += other.seen
+        self.embedded += other.embedded
+        self.failed += other.failed
+        self.reasons.update(other.reasons)
+        self.started = min(self.started, other.started)
+        self.finished = max(self.finished, other.finished)
+
+
+class DecodedRow(NamedTuple):
+    """One input after reading and decoding: a tensor, or the error that stopped it."""
+
+    tensor: torch.Tensor | None
+    error: str | None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+def _load_and_decode(item: dict, embedder: Embedder, config: ExtractConfig) -> DecodedRow:
+    try:
+        data = read_image_bytes(item["path"], config.max_bytes)
+    except InputReadError as err:
+        return DecodedRow(None, str(err))
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        tensor, width, height = decode_image(
+            data, embedder.preprocessing, config.max_pixels, embedder.decode_budget
+        )
+    except ImageDecodeError as err:
+        return DecodedRow(None, str(err), sha256)
+    except (RuntimeError, MemoryError) as err:
+        # What the decoders raise past the checks (an allocation the estimate missed): this
+        # image fails, the shard and the run go on.
+        return DecodedRow(None, f"cannot decode: {type(err).__name__}: {err}", sha256)
+    return DecodedRow(tensor, None, sha256, width, height)
+
+
+class ShardEmbedder:
+    """Loads the model once; `__call__(shard)` embeds one shard of the plan into its part file.
+
+    Plain Python: Ray runs it as an actor (`run_shards`), and it runs without Ray as well.
+    """
+
+    def __init__(self, config: ExtractConfig, plan: Plan, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = config
+        self.plan = plan
+        self.embedder = Embedder(
+            load_weights(config.weights),
+            config.layer,
+            config.device,
+            config.dtype,
+            decode_memory=config.decode_memory,
+        )
+        if self.embedder.weights.sha256 != plan.provenance.weights_sha256:
+            raise ProvenanceMismatch(
+                f"weights {config.weights} on this worker differ from the driver's "
+                f"({self.embedder.weights.sha256[:12]} vs {plan.provenance.weights_sha256[:12]})"
+            )
+        # Decoding overlaps the model; one thread per spare core, at least one.
+        decode_threads = max(1, (threads or os.cpu_count() or 2) - 1)
+        self.decoder = ThreadPoolExecutor(decode_threads, thread_name_prefix="fc7-decode")
+
+    def __call__(self, shard: int) -> ShardStats:
+        started = time.time()
+        fs, _ = resolve(self.plan.out)
+        with fs.open_input_file(self.plan.inputs_file) as file:
+            plan = pq.ParquetFile(file, page_checksum_verification=True)
+            rows = plan.read_row_group(shard).to_pylist()
+        # map() submits every row at once, so decoding runs ahead while the model works.
+        decoded = self.decoder.map(
+            lambda row: _load_and_decode(row, self.embedder, self.config), rows
+        )
+        embeddings = np.zeros((len(rows), self.plan.provenance.dim), dtype=np.float32)
+        results: list[DecodedRow] = []
+        batch: list[int] = []  # positions of decoded rows waiting for the model
+        for position, result in enumerate(decoded):
+            results.append(result)
+            if result.tensor is not None:
+                batch.append(position)
+            if batch and (len(batch) == self.config.batch_size or position == len(rows) - 1):
+                embeddings[batch] = self.embedder(torch.stack([results[i].tensor for i in batch]))
+                for i in batch:  # the tensor is in `embeddings` now; free its memory
+                    results[i] = results[i]._replace(tensor=None)
+                batch = []
+        errors = [result.error for result in results]
+        # A vector that is not finite in the stored type (NaN from the model, or a float16
+        # overflow) would poison every index and classifier built on it: it is an error row.
+        with np.errstate(over="ignore"):
+            stored = embeddings.astype(np.dtype(self.plan.provenance.dtype))
+        for position in np.flatnonzero(~np.isfinite(stored).all(axis=1)):
+            if errors[position] is None:
+                errors[position] = (f"non-finite embedding: the model gave NaN or inf (or a "
+                                    f"value beyond the range of {self.plan.provenance.dtype})")
+        table = build_table(
+            self.plan.provenance,
+            [row["id"] for row in rows],
+            [row["path"] for row in rows],
+            [row["label"] for row in rows],
+            embeddings,
+            errors,
+            [result.sha256 for result in results],
+            [result.width for result in results],
+            [result.height for result in results],
+        )
+        write_table_atomically(table, fs, self.plan.part_file(shard))
+        failures = [error for error in errors if error is not None]
+        return ShardStats(
+            seen=len(rows),
+            embedded=len(rows) - len(failures),
+            failed=len(failures),
+            reasons=Counter(error.split(":", 1)[0] for error in failures),
+            started=started,
+            finished=time.time(),
+        )
