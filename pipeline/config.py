@@ -229,5 +229,7 @@ def _describe(err: ValidationError, model: type[BaseModel], config_path: str | N
         elif item["type"] == "missing":
             problems.append(f"{flag} is required")
         else:
-            problems.append(f"{flag} {given!r}: {item['msg'].removeprefix('Value error, ')}")
+            # as typed on the command line; quoted where the value is not a plain word
+            shown = given if isinstance(given, str) and given.split() == [given] else repr(given)
+            problems.append(f"{flag} {shown}: {item['msg'].removeprefix('Value error, ')}")
     return "; ".join(problems)

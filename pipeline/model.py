@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 from torchvision.models import AlexNet_Weights, alexnet
 
+from pipeline.config import DEVICE_ALIASES
 from pipeline.decode import (
     DEFAULT_DECODE_MEMORY,
     DEFAULT_MAX_PIXELS,
@@ -29,8 +30,8 @@ from pipeline.errors import ConfigError, ProvenanceMismatch, WeightsError
 from pipeline.provenance import LAYER_WIDTHS, Preprocessing, Provenance, file_sha256
 
 IMAGENET_WEIGHTS = AlexNet_Weights.IMAGENET1K_V1
-# Number of classifier modules kept for each layer: (Dropout, Linear, ReLU) per FC layer.
-_CLASSIFIER_DEPTH = {"pool5": 0, "fc6": 3, "fc7": 6}
+# How many modules of `alexnet().classifier` each layer runs (fc7 ends after its ReLU).
+_CLASSIFIER_DEPTH = {"fc7": 6, "fc6": 3, "pool5": 0}
 # torch.hub's convention: a file named NAME-<sha256 prefix>.pth carries its own checksum.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.pth?$")
 
@@ -146,6 +147,7 @@ def resolve_device(device: str) -> torch.device:
     Raises:
         ConfigError: `cuda` asked for on a machine without CUDA.
     """
+    device = DEVICE_ALIASES.get(device, device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -240,7 +242,12 @@ class Embedder:
         return vectors, errors
 
     @classmethod
-    def matching(cls, provenance: Provenance, device: str = "auto") -> Embedder:
+    def matching(
+        cls,
+        provenance: Provenance,
+        device: str = "auto",
+        decode_memory: int = DEFAULT_DECODE_MEMORY,
+    ) -> Embedder:
         """The embedder that made artifacts with `provenance`, its weights checked by sha256.
 
         Raises:
@@ -253,4 +260,11 @@ class Embedder:
                 f"weights {provenance.weights}: sha256 here is {weights.sha256[:12]}..., the "
                 f"artifact was made with {provenance.weights_sha256[:12]}..."
             )
-        return cls(weights, provenance.layer, device, provenance.dtype, provenance.preprocessing)
+        return cls(
+            weights,
+            provenance.layer,
+            device,
+            provenance.dtype,
+            provenance.preprocessing,
+            decode_memory=decode_memory,
+        )

@@ -300,13 +300,15 @@ class EmbeddingDataset:
         if not len(values):
             return
         # after a ReLU a negative value can only come from damage
-        floor = 0.0 if self.provenance.layer in RELU_LAYERS else -MAX_VALUE
+        # float32 bounds: compared with float16 values, a Python 1e6 would overflow to inf.
+        floor = np.float32(0.0 if self.provenance.layer in RELU_LAYERS else -MAX_VALUE)
+        ceiling = np.float32(MAX_VALUE)
         # One pass each, no temporaries; NaN fails both comparisons.
-        if values.min() >= floor and values.max() <= MAX_VALUE:
+        if values.min() >= floor and values.max() <= ceiling:
             return
         valid = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
         rows = values.reshape(len(valid), -1)
-        ok = (rows >= floor) & (rows <= MAX_VALUE)
+        ok = (rows >= floor) & (rows <= ceiling)
         first = int(np.flatnonzero(~ok.all(axis=1))[0])
         value = float(rows[first][~ok[first]][0])
         what = f"holds {value:.4g} in its embedding"

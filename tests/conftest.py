@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.fs import resolve
 from pipeline.provenance import Provenance
-from pipeline.store import build_table, resolve, write_table_atomically
+from pipeline.store import build_table, write_table_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

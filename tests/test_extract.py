@@ -166,7 +166,7 @@ def test_ctrl_c_mid_run_and_during_shutdown_ends_in_one_line(tmp_path):
     source = write_labelled_folder(tmp_path / "src", classes=4, per_class=40)
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "extract", str(source), "--out", str(out),
+        [sys.executable, "-m", "jobs.cli", "extract", str(source), "--out", str(out),
          "--weights", "random:0", "--shard-size", "4", "--batch-size", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -191,7 +191,7 @@ def test_a_source_without_images_is_an_error(tmp_path):
 
 
 def test_cli_exit_codes_and_messages(tmp_path):
-    fc7 = [sys.executable, "-m", "pipeline.cli"]
+    fc7 = [sys.executable, "-m", "jobs.cli"]
     missing = subprocess.run([*fc7, "extract", str(tmp_path / "nope"), "--out",
                               str(tmp_path / "o"), "--weights", "random"],
                              capture_output=True, text=True)

@@ -111,7 +111,7 @@ def test_ray_job_submit_runs_extract_index_and_train_on_a_started_head(tmp_path)
     # Without RAY_ADDRESS, fc7 starts a Ray of its own; it used to join the recorded (now dead)
     # head and wait for it forever.
     local = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "extract", str(REPO / "examples/images"),
+        [sys.executable, "-m", "jobs.cli", "extract", str(REPO / "examples/images"),
          "--out", str(tmp_path / "local"), "--weights", "random:0"],
         env=env, capture_output=True, text=True, timeout=300,
     )
@@ -128,7 +128,7 @@ def test_a_ray_address_that_does_not_answer_fails_fast_with_one_line(tmp_path):
     dead = f"127.0.0.1:{_free_port()}"  # nothing listens there
     # Before, this waited for good; the timeout makes such a hang a failure.
     run = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "extract", str(REPO / "examples/images"),
+        [sys.executable, "-m", "jobs.cli", "extract", str(REPO / "examples/images"),
          "--out", str(tmp_path / "out"), "--weights", "random:0"],
         env=dict(os.environ, RAY_ADDRESS=dead), capture_output=True, text=True, timeout=60,
     )

@@ -7,9 +7,7 @@ from __future__ import annotations
 import os
 import socket
 
-from pipeline.errors import (
-    PipelineError,
-)
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan
 from pipeline.extract.worker import ShardEmbedder, ShardStats
@@ -111,6 +109,9 @@ def worker_layout(config: ExtractConfig, resources: dict) -> tuple[int, int, boo
     """
     cpus = max(1, int(resources.get("CPU", 1)))
     gpus = int(resources.get("GPU", 0)) if config.device != "cpu" else 0
+    if config.device == "cuda" and gpus == 0:
+        # Checked here, before any actor starts: an actor would fail only after loading.
+        raise ConfigError("--device cuda: the Ray cluster has no GPU; use --device auto or cpu")
     on_gpu = gpus > 0
     per_worker = config.cpus_per_worker or (max(1, cpus // gpus) if on_gpu else min(cpus, 8))
     workers = config.num_workers or (gpus if on_gpu else max(1, cpus // per_worker))
@@ -130,6 +131,9 @@ def run_shards(
 
 
 def _run_on_actors(config: ExtractConfig, plan: Plan, shards: list[int], on_shard_done):
+    # Not `ray.util.ActorPool`: it keeps one task per actor, so every actor idles while the
+    # driver hands it the next shard, and a dead actor makes `get_next` raise with no way to
+    # give its shard to another actor (which the elastic pool of a real cluster needs).
     import ray
 
     workers, per_worker, on_gpu = worker_layout(config, ray.cluster_resources())

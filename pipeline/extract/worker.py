@@ -18,9 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.decode import ImageDecodeError, decode_image
-from pipeline.errors import (
-    ProvenanceMismatch,
-)
+from pipeline.errors import ProvenanceMismatch
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan
 from pipeline.fs import resolve
