@@ -26,8 +26,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.fs import resolve  # noqa: E402
 from pipeline.provenance import Provenance  # noqa: E402
-from pipeline.store import build_table, resolve, write_table_atomically  # noqa: E402
+from pipeline.store import build_table, write_table_atomically  # noqa: E402
 
 DEFAULT_KINDS = ["flat", "hnsw", "ivf-flat", "ivf-pq", "hnsw+pca256", "ivf-pq+pca256"]
 

@@ -46,7 +46,7 @@ CHROMIUM_ARGS = [
 
 def fc7(*args: str) -> None:
     """Run an `fc7` subcommand exactly as a user would, failing loudly."""
-    subprocess.run([sys.executable, "-m", "pipeline.cli", *args], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "jobs.cli", *args], check=True, cwd=REPO)
 
 
 def sample_manifest(images: Path, per_class: int, out: Path, seed: int = 0) -> Path:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "pipeline.cli",
+                "jobs.cli",
                 "serve",
                 str(work / "index"),
                 "--port",

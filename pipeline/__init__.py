@@ -3,7 +3,7 @@
 Stages, each one module; imports flow one way (a module never imports a later stage):
 
     errors, config -> provenance -> store -> sources -> decode -> model
-    model, store -> extract          (embeddings in Parquet)
+
     model, store -> index -> search  (FAISS similarity search)
     model, store -> classify         (scikit-learn classifiers)
     search, classify -> serve        (HTTP service and page)

@@ -1,4 +1,4 @@
-"""`fc7 query` and the Python API: open an index once, query it many times.
+"""The query API: open an index once, query it many times (`fc7 query` is `jobs/query.py`).
 
 Queries are images (embedded with the model, layer and preprocessing recorded in the index),
 ids of indexed items (their stored vectors, no re-embedding) or vectors. Scores follow the
@@ -13,30 +13,20 @@ Example:
 
 from __future__ import annotations
 
-import json
-import sys
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow.dataset as pads
-from pydantic import Field
+from pydantic import TypeAdapter, ValidationError, model_validator
 
-from pipeline.config import JobConfig, add_option, load_config, new_parser
-from pipeline.decode import ImageDecodeError
+from pipeline.config import Device, JobConfig, option
+from pipeline.decode import DEFAULT_DECODE_MEMORY, ImageDecodeError
 from pipeline.errors import ArtifactError, ConfigError, ProvenanceMismatch, SourceError
-from pipeline.index import (
-    SCORES,
-    LoadedIndex,
-    faiss,
-    load_index,
-    normalise,
-    scores,
-    to_gpu,
-    walk,
-)
+from pipeline.index.faiss_env import SCORES, faiss, normalize, parts, scores, to_gpu
+from pipeline.index.format import LoadedIndex, load_index
 from pipeline.model import Embedder
 from pipeline.provenance import Provenance
 from pipeline.store import EmbeddingDataset, embeddings_to_numpy
@@ -64,10 +54,14 @@ class SimilarityIndex:
         >>> [(m.id, round(m.score, 3)) for m in matches]               # doctest: +SKIP
     """
 
-    def __init__(self, loaded: LoadedIndex, device: str = "auto"):
-        device = "gpu" if device.startswith("cuda") else device
-        if device not in ("auto", "cpu", "gpu"):
-            raise ConfigError(f"--device {device}: must be auto, cpu or gpu")
+    def __init__(
+        self,
+        loaded: LoadedIndex,
+        device: str = "auto",
+        decode_memory: int = DEFAULT_DECODE_MEMORY,
+    ):
+        """Wrap a loaded index; see `open`, which most callers want."""
+        device = _device(device)
         self._loaded = loaded
         self.manifest: dict[str, Any] = loaded.manifest
         self.provenance: Provenance = loaded.provenance
@@ -75,37 +69,52 @@ class SimilarityIndex:
         self.dim: int = int(loaded.manifest["dim"])
         self._positions = {item: position for position, item in enumerate(loaded.ids)}
         self._cpu = loaded.index
-        for part in walk(self._cpu):
+        for part in parts(self._cpu):
             if isinstance(part, faiss.IndexIVF) and not isinstance(part, _FAST_SCAN):
                 part.make_direct_map()  # lets search_ids reconstruct stored vectors
-        self._gpu = to_gpu(self._cpu) if device in ("auto", "gpu") else None
-        if device == "gpu" and self._gpu is None:
-            raise ConfigError(f"--device gpu: FAISS has no GPU here for {self.manifest['factory']}")
+        self._gpu = to_gpu(self._cpu) if device in ("auto", "cuda") else None
+        if device == "cuda" and self._gpu is None:
+            raise ConfigError(
+                f"--device cuda: FAISS has no GPU here for {self.manifest['factory']}"
+            )
         # GPU indexes must not be searched from two threads at once; CPU ones may.
         self._gpu_lock = threading.Lock()
         self._device = device
+        self._decode_memory = decode_memory
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
 
     @classmethod
-    def open(cls, index_dir: str | Path, device: str = "auto") -> SimilarityIndex:
+    def open(
+        cls,
+        index_dir: str | Path,
+        device: str = "auto",
+        decode_memory: int = DEFAULT_DECODE_MEMORY,
+    ) -> SimilarityIndex:
         """Open an index folder built by `fc7 index`.
 
         Args:
             index_dir: the folder.
-            device: `auto` (a GPU when FAISS has one), `cpu` or `gpu`.
+            device: `auto` (a GPU when FAISS has one), `cpu` or `cuda` (`gpu` is an alias).
+            decode_memory: bytes the decodes of image queries may hold at once.
 
         Raises:
             ArtifactError: the folder is missing, corrupt or inconsistent.
+            ConfigError: an unknown device, or `cuda` where FAISS has no GPU.
         """
-        return cls(load_index(index_dir), device)
+        return cls(load_index(index_dir), device, decode_memory)
 
     def __len__(self) -> int:
         return len(self._loaded.ids)
 
     @property
     def score_meaning(self) -> str:
+        """What the scores mean, e.g. "cosine similarity (higher is more similar)"."""
         return SCORES[self.metric]
+
+    def example_id(self) -> str | None:
+        """An id in the index (the first), to show what ids look like; None when empty."""
+        return self._loaded.ids[0] if self._loaded.ids else None
 
     def item(self, id: str) -> Match:
         """The indexed item `id` (score 0.0).
@@ -130,7 +139,7 @@ class SimilarityIndex:
                 f"{self.provenance.layer} vectors"
             )
         if self.metric == "cosine":
-            vectors = normalise(vectors)
+            vectors = normalize(vectors)
         values, positions = self._search(self._cpu, vectors, k)
         return [self._matches(s, p, k) for s, p in zip(values, positions, strict=True)]
 
@@ -209,8 +218,9 @@ class SimilarityIndex:
         """The model that made the indexed vectors, loaded on first use (once)."""
         with self._embedder_lock:
             if self._embedder is None:
-                torch_device = {"gpu": "cuda"}.get(self._device, self._device)
-                self._embedder = Embedder.matching(self.provenance, torch_device)
+                self._embedder = Embedder.matching(
+                    self.provenance, self._device, self._decode_memory
+                )
         return self._embedder
 
     # -- internals -------------------------------------------------------------------------
@@ -289,7 +299,7 @@ class SimilarityIndex:
         if missing:
             raise ArtifactError(f"ids {missing[:3]} are no longer in the index's source embeddings")
         vectors = np.stack([found[item] for item in wanted])
-        return normalise(vectors) if self.metric == "cosine" else vectors
+        return normalize(vectors) if self.metric == "cosine" else vectors
 
 
 # FAISS 1.15 crashes (segfault) reconstructing from fast-scan PQ codes instead of raising.
@@ -310,131 +320,40 @@ def _can_reconstruct(index: Any) -> bool:
     return True
 
 
-# ---------------------------------------------------------------------------------------------
-# fc7 query
+def _device(device: str) -> str:
+    """`auto`, `cpu` or `cuda` (`gpu` and `cuda:N` name the GPU too)."""
+    device = "cuda" if device.startswith("cuda") else device
+    try:
+        return TypeAdapter(Device).validate_python(device)
+    except ValidationError:
+        raise ConfigError(f"--device {device}: must be auto, cpu or cuda (gpu)") from None
 
 
 class QueryConfig(JobConfig):
-    """Options of `fc7 query`."""
+    """Options of `fc7 query` (`jobs/query.py`)."""
 
-    index: str
-    images: list[str] = []
-    ids: list[str] = []
-    k: int = Field(default=10, ge=1, le=10_000)
-    include_self: bool = False
-    as_json: bool = False
-    device: Literal["auto", "cpu", "gpu"] = "auto"
-
-
-def parse(argv: list[str] | None) -> QueryConfig:
-    parser = new_parser(
-        prog="fc7 query",
-        description="Find the indexed images most similar to images or to indexed ids.\n\n"
-        "Scores: cosine similarity for a cosine index and inner product for an ip index\n"
-        "(higher is more similar); squared L2 distance for an l2 index (lower is more similar).",
-        epilog="examples:\n"
-        "  fc7 query out/index --image photos/cat.jpg -k 5\n"
-        "  fc7 query out/index --id cats/cat1.jpg dogs/dog2.jpg --json",
-    )
-    parser.add_argument("index", help="index folder built by fc7 index")
-    add_option(
-        parser,
-        "--image",
-        QueryConfig,
+    index: str = option(help="index folder built by fc7 index", positional=True)
+    images: list[str] = option(
+        [],
         "query image files (local paths or URIs), embedded with the index's model",
-        field="images",
-        nargs="+",
+        flag="--image",
         metavar="PATH",
     )
-    add_option(
-        parser,
-        "--id",
-        QueryConfig,
-        "ids of indexed items, searched with their stored vectors",
-        field="ids",
-        nargs="+",
-        metavar="ID",
+    ids: list[str] = option(
+        [], "ids of indexed items, searched with their stored vectors", flag="--id", metavar="ID"
     )
-    add_option(parser, "-k", QueryConfig, "results per query", type=int)
-    add_option(
-        parser,
-        "--include-self",
-        QueryConfig,
-        "keep an --id query's own item in its results",
-        action="store_true",
+    k: int = option(10, "results per query", flag="-k", ge=1, le=10_000)
+    include_self: bool = option(False, "keep an --id query's own item in its results")
+    as_json: bool = option(
+        False, "print a JSON list of {query, results: [{id, path, label, score}]}", flag="--json"
     )
-    add_option(
-        parser,
-        "--json",
-        QueryConfig,
-        "print a JSON list of {query, results: [{id, path, label, score}]}",
-        field="as_json",
-        action="store_true",
+    device: Device = option(
+        "auto",
+        "where to search and embed: auto (GPU when FAISS has one), cpu or cuda (gpu is an alias)",
     )
-    add_option(
-        parser,
-        "--device",
-        QueryConfig,
-        "where to search and embed: auto (GPU when FAISS has one), cpu or gpu",
-        choices=["auto", "cpu", "gpu"],
-    )
-    return load_config(QueryConfig, parser.parse_args(argv))
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`fc7 query`: print the nearest items of each query as a table or JSON."""
-    config = parse(argv)
-    if bool(config.images) == bool(config.ids):
-        raise ConfigError("give either --image PATH... or --id ID... (one of them)")
-    index = SimilarityIndex.open(config.index, device=config.device)
-    if config.images:
-        queries = config.images
-        results = index.search_paths(config.images, config.k)
-    else:
-        queries = config.ids
-        try:
-            results = index.search_ids(config.ids, config.k, config.include_self)
-        except KeyError as err:
-            raise ConfigError(
-                f"--id {err.args[0]}: not in the index {config.index} ({len(index):,} items; "
-                f"ids look like {index._loaded.ids[0]!r})"
-            ) from None
-    if config.as_json:
-        print(
-            json.dumps(
-                [
-                    {"query": query, "results": [asdict(match) for match in matches]}
-                    for query, matches in zip(queries, results, strict=True)
-                ],
-                indent=2,
-            )
-        )
-    else:
-        print(format_table(queries, results, index.score_meaning))
-    return 0
-
-
-def format_table(queries: list[str], results: list[list[Match]], score: str) -> str:
-    """Results as a readable text table, one block per query."""
-    lines = [f"score: {score}"]
-    for query, matches in zip(queries, results, strict=True):
-        lines.append(f"\nquery: {query}")
-        id_width = max([len(m.id) for m in matches] + [2])
-        label_width = max([len(m.label or "-") for m in matches] + [5])
-        lines.append(
-            f"  {'rank':>4}  {'score':>9}  {'id':<{id_width}}  {'label':<{label_width}}  path"
-        )
-        for rank, match in enumerate(matches, 1):
-            lines.append(
-                f"  {rank:>4}  {match.score:>9.4f}  {match.id:<{id_width}}  "
-                f"{match.label or '-':<{label_width}}  {match.path}"
-            )
-        if not matches:
-            lines.append("  (no results)")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from pipeline.cli import run
-
-    sys.exit(run("query", main, None))
+    @model_validator(mode="after")
+    def _one_kind_of_query(self) -> QueryConfig:
+        if bool(self.images) == bool(self.ids):
+            raise ValueError("give either --image PATH... or --id ID... (one of them)")
+        return self

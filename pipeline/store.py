@@ -184,6 +184,11 @@ class EmbeddingDataset:
     def files(self) -> list[str]:
         return list(self.dataset.files)
 
+    @property
+    def columns(self) -> list[str]:
+        """The columns of the part files (all share the embeddings schema plus any extras)."""
+        return list(self.dataset.schema.names)
+
     def count(self, with_errors: bool = False) -> int:
         """Rows in the dataset; by default only rows with an embedding.
 

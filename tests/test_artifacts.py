@@ -1,5 +1,5 @@
 """Hostile artifacts across jobs: damaged and corrupt part files, and output folders holding the
-user's own files. Every command is run through `fc7` (pipeline.cli.main) as a user runs it."""
+user's own files. Every command is run through `fc7` (jobs.cli.main) as a user runs it."""
 
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import clustered_vectors, test_provenance, write_embeddings
 
-from pipeline import cli
+from jobs.cli import main as fc7_main
 from pipeline import index as fx
 from pipeline.errors import ArtifactError
+from pipeline.fs import resolve
 from pipeline.store import (
     MAX_VALUE,
     EmbeddingDataset,
     build_table,
     describe_entries,
     foreign_entries,
-    resolve,
 )
-from tests.conftest import clustered_vectors, test_provenance, write_embeddings
 
 DIM = 32
 USER_FILES = ["notes.md", "part-time.xlsx", "part-x/"]
@@ -71,7 +71,7 @@ def assert_user_files_survive(folder: Path) -> None:
 def fc7(argv: list[str], capsys) -> tuple[int, str]:
     """Run `fc7 ARGV`; returns the exit status and what it printed to stderr."""
     capsys.readouterr()
-    status = cli.main(argv)
+    status = fc7_main(argv)
     return status, capsys.readouterr().err
 
 

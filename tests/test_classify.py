@@ -1,15 +1,19 @@
 """Classifiers: training on generated embeddings with known accuracy, an end-to-end run on real
-AlexNet output checked against an independent scikit-learn fit, save/load safety, errors."""
+AlexNet output checked against an independent scikit-learn fit, the shared labelled-data pass,
+save/load safety, errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import skops.io as sio
@@ -22,14 +26,20 @@ from conftest import (
 )
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
-from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
+from sklearn.model_selection import (
+    StratifiedKFold,
+    cross_val_predict,
+    cross_val_score,
+    train_test_split,
+)
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer
 from sklearn.svm import LinearSVC
 
+from jobs import cli
 from jobs.predict import main as predict_main
 from jobs.train_classifier import main as train_main
-from pipeline import cli
 from pipeline.classify import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -37,10 +47,16 @@ from pipeline.classify import (
     TrainConfig,
     check_fits_in_memory,
     train,
+    training_rows,
 )
-from pipeline.config import load_config
+from pipeline.classify.data import encoded_batches, read_test_set
+from pipeline.classify.estimators import SEARCH_GRIDS, balanced_class_weights
+from pipeline.classify.predict import PREDICTIONS_METADATA_KEY
+from pipeline.classify.train import evaluation_protocol
+from pipeline.config import parse_config
 from pipeline.errors import ArtifactError, ConfigError, OutputError, ProvenanceMismatch
-from pipeline.store import build_table, resolve, write_table_atomically
+from pipeline.fs import resolve
+from pipeline.store import EmbeddingDataset, build_table, write_table_atomically
 
 DIM = 32
 
@@ -60,6 +76,24 @@ def read_predictions(folder: Path) -> dict:
     return pq.read_table(folder).to_pydict()
 
 
+def messy_labels(rows: int, seed: int) -> tuple[np.ndarray, list[str | None], list[str | None]]:
+    """Vectors of 3 classes, with 1 row with an error, 2 without a label, and classes of 1, 2
+    and 3 rows ("lonely", "pair", "trio"); returns (x, labels, errors)."""
+    x, y = clustered_vectors(rows, DIM, clusters=3, spread=0.2, seed=seed)
+    labels: list[str | None] = names(y)
+    errors: list[str | None] = [None] * rows
+    labels[0] = None
+    labels[1] = "   "
+    errors[2] = "not an image: unknown format"
+    labels[3] = "lonely"
+    labels[4] = labels[5] = "pair"
+    labels[6] = labels[7] = labels[8] = "trio"
+    return x, labels, errors
+
+
+# ---------------------------------------------------------------------------- training
+
+
 @pytest.mark.parametrize("classifier", ["logreg", "linear-svm", "knn", "sgd", "mlp"])
 def test_every_classifier_separates_separable_clusters(separable, tmp_path, classifier):
     extra = {"knn": {"neighbors": 3}, "mlp": {"hidden": 32}}.get(classifier, {})
@@ -76,7 +110,6 @@ def test_every_classifier_separates_separable_clusters(separable, tmp_path, clas
     assert metrics["accuracy"] == 1.0
     assert metrics["counts"]["train"] + metrics["counts"]["test"] == 400
     assert metrics["counts"]["test"] == 80  # 20% stratified hold-out
-    assert sum(c["support"] for c in metrics["per_class"].values()) == 80
     assert metrics["top5_accuracy"] == 1.0
     assert model.classes == [f"class {i}" for i in range(8)]
     for name in ("report.md", "confusion_matrix.png", MODEL_FILE, MANIFEST_FILE):
@@ -111,25 +144,38 @@ def test_known_accuracy_on_a_separate_test_set_with_wrong_labels(tmp_path):
     assert metrics["protocol"]["kind"] == "separate-test-set"
 
 
-def test_skipped_rows_and_small_classes_are_counted_not_fatal(tmp_path, capsys):
-    x, y = clustered_vectors(120, DIM, clusters=3, spread=0.2, seed=3)
-    labels: list[str | None] = names(y)
-    errors: list[str | None] = [None] * 120
-    labels[0] = None
-    labels[1] = "   "
-    errors[2] = "not an image: unknown format"
-    labels[3] = "lonely"  # one row: cannot be both trained on and tested
+@pytest.mark.parametrize("classifier", ["logreg", "sgd"])
+def test_skipped_rows_and_small_classes_are_counted_not_fatal(tmp_path, capsys, classifier):
+    x, labels, errors = messy_labels(120, seed=3)
     folder = write_embeddings(tmp_path / "emb", x, labels, errors=errors)
-    code = train_main([str(folder), "--out", str(tmp_path / "m")])
+    code = train_main([str(folder), "--out", str(tmp_path / "m"), "--classifier", classifier])
     assert code == 0
     counts = json.loads((tmp_path / "m" / "metrics.json").read_text())["counts"]
     assert counts["rows"] == 120
     assert counts["skipped_error"] == 1
     assert counts["skipped_no_label"] == 2
-    assert counts["small_classes"] == {"lonely": 1}
+    assert counts["small_classes"] == {"lonely": 1}  # pair and trio can be split
+    assert counts["skipped_small_class"] == 1
+    assert counts["labelled"] == 117
+    assert counts["classes"] == 5
     assert counts["train"] + counts["test"] == 116
     out = capsys.readouterr().out
+    assert "note: 1 class(es) have fewer than 2 labelled rows" in out
     assert "lonely (1)" in out and "1 with an error, 2 without a label" in out
+
+
+def test_both_training_paths_count_and_split_the_same_rows(tmp_path):
+    x, labels, errors = messy_labels(150, seed=8)
+    folder = write_embeddings(tmp_path / "emb", x, labels, errors=errors, shards=2)
+    in_memory = train(TrainConfig(embeddings=str(folder), out=str(tmp_path / "a"), seed=4))
+    streaming = train(
+        TrainConfig(embeddings=str(folder), out=str(tmp_path / "b"), classifier="sgd", seed=4)
+    )
+    assert in_memory.metrics["counts"] == streaming.metrics["counts"]
+    assert in_memory.classes == streaming.classes
+    # the same held-out rows: the same support per class
+    support = {name: m["support"] for name, m in in_memory.metrics["per_class"].items()}
+    assert support == {name: m["support"] for name, m in streaming.metrics["per_class"].items()}
 
 
 def test_cross_validation_matches_an_independent_sklearn_run(tmp_path):
@@ -142,7 +188,9 @@ def test_cross_validation_matches_an_independent_sklearn_run(tmp_path):
     assert 0.5 < np.mean(expected == y) < 1.0  # a non-trivial problem
     assert model.metrics["accuracy"] == pytest.approx(np.mean(expected == y))
     assert model.metrics["confusion_matrix"] == confusion_matrix(y, expected).tolist()
-    assert len(model.metrics["fold_accuracy"]) == 5
+    per_fold = [np.mean(expected[rows] == y[rows]) for _, rows in folds.split(x, y)]
+    assert model.metrics["fold_accuracy"] == pytest.approx(per_fold)
+    assert len(set(per_fold)) > 1  # the folds really differ: their order is checked
     # the saved model is refit on all rows
     reference.fit(x, y)
     np.testing.assert_allclose(
@@ -152,15 +200,34 @@ def test_cross_validation_matches_an_independent_sklearn_run(tmp_path):
     )
 
 
-def test_search_picks_a_parameter_from_the_grid(separable, tmp_path):
+def test_search_scores_every_candidate_as_sklearn_does_and_keeps_the_best(tmp_path):
+    x, y = clustered_vectors(240, DIM, clusters=4, spread=2.0, seed=9)  # k matters here
+    folder = write_embeddings(tmp_path / "emb", x, names(y))
     model = train(
         TrainConfig(
-            embeddings=str(separable), out=str(tmp_path / "m"), classifier="knn", search=True, cv=3
+            embeddings=str(folder), out=str(tmp_path / "m"), classifier="knn", search=True,
+            cv=3, seed=5,
         )
     )
-    best = model.metrics["search"]["best_params"]["n_neighbors"]
-    assert best in (1, 3, 5, 10, 20)
-    assert model.model.steps[-1][1].n_neighbors == best
+    folds = StratifiedKFold(3, shuffle=True, random_state=5)
+    expected = {
+        k: cross_val_score(
+            make_pipeline(Normalizer(), KNeighborsClassifier(k, algorithm="brute")),
+            x, y, cv=folds,
+        ).mean()
+        for k in SEARCH_GRIDS["knn"]["n_neighbors"]
+    }
+    assert len(set(expected.values())) > 1  # the choice is not trivial
+    found = {
+        int(key.rsplit(": ", 1)[1].rstrip("}")): score
+        for key, score in model.metrics["search"]["mean_cv_accuracy"].items()
+    }
+    assert found == pytest.approx(expected)
+    best = max(expected, key=expected.get)  # the first of equal scores, as GridSearchCV
+    assert model.metrics["search"]["best_params"] == {"n_neighbors": best}
+    # the saved model is the best candidate refit on all rows
+    oracle = make_pipeline(Normalizer(), KNeighborsClassifier(best, algorithm="brute")).fit(x, y)
+    np.testing.assert_array_equal(model.model.predict(x), oracle.predict(x))
 
 
 def test_sgd_streams_class_sorted_batches(tmp_path):
@@ -178,9 +245,126 @@ def test_sgd_streams_class_sorted_batches(tmp_path):
             class_weight="balanced",
         )
     )
-    assert model.metrics["protocol"]["out_of_core"] is True
     assert model.metrics["accuracy"] >= 0.97
     assert model.metrics["counts"]["test"] == 120
+
+
+def test_sgd_on_a_separate_test_set_counts_what_it_skips(tmp_path):
+    x, y = clustered_vectors(200, DIM, clusters=3, spread=0.2, seed=10)
+    train_dir = write_embeddings(tmp_path / "train", x, names(y))
+    x_test, y_test = clustered_vectors(60, DIM, clusters=3, spread=0.2, seed=10)
+    labels: list[str | None] = names(y_test)
+    errors: list[str | None] = [None] * 60
+    labels[0], labels[1], errors[2] = "unknown", None, "broken"
+    test_dir = write_embeddings(tmp_path / "test", x_test, labels, errors=errors)
+    model = train(
+        TrainConfig(
+            embeddings=str(train_dir), out=str(tmp_path / "m"), test=str(test_dir),
+            classifier="sgd",
+        )
+    )
+    counts = model.metrics["counts"]
+    assert (counts["test_skipped_error"], counts["test_skipped_no_label"]) == (1, 1)
+    assert counts["test_skipped_unknown_class"] == 1
+    assert counts["test"] == 57 and counts["train"] == 200
+
+
+# ---------------------------------------------------------------------------- the shared data pass
+
+
+def test_training_rows_filter_encode_and_count(tmp_path):
+    x, labels, errors = messy_labels(90, seed=11)
+    folder = write_embeddings(tmp_path / "emb", x, labels, errors=errors, shards=3)
+    data = EmbeddingDataset.open(str(folder))
+    folds = {"kind": "stratified-kfold", "folds": 3}
+    rows = training_rows(data, "label", 16, folds)
+    # what survives: a label, no error, a class of at least 3 rows (trio included)
+    kept = [
+        i for i in range(90)
+        if errors[i] is None and labels[i] and labels[i].strip()
+        and labels[i] not in ("lonely", "pair")
+    ]
+    assert rows.ids.tolist() == [f"img_{i:06d}.jpg" for i in kept]
+    assert rows.classes == sorted({labels[i] for i in kept})
+    assert [rows.classes[code] for code in rows.y] == [labels[i] for i in kept]
+    np.testing.assert_array_equal(rows.vectors, x[kept])
+    assert rows.counts == {
+        "rows": 90, "skipped_error": 1, "skipped_no_label": 2, "skipped_small_class": 3,
+        "small_classes": {"lonely": 1, "pair": 2}, "labelled": 87, "classes": 4,
+    }
+    # the streaming path reads the same rows, without their vectors
+    labels_only = training_rows(data, "label", 7, folds, with_vectors=False)
+    assert labels_only.vectors is None
+    assert labels_only.ids.tolist() == rows.ids.tolist()
+    np.testing.assert_array_equal(labels_only.y, rows.y)
+    assert labels_only.counts == rows.counts
+
+
+@pytest.mark.parametrize(
+    "options, small",
+    [
+        ({}, {"lonely": 1}),
+        ({"cv": 3}, {"lonely": 1, "pair": 2}),
+        ({"cv": 4}, {"lonely": 1, "pair": 2, "trio": 3}),
+        ({"test": "other"}, {}),  # no split: every class can be trained on
+    ],
+)
+def test_the_protocol_decides_which_classes_are_too_small(tmp_path, options, small):
+    x, labels, errors = messy_labels(60, seed=12)
+    data = EmbeddingDataset.open(str(write_embeddings(tmp_path / "e", x, labels, errors=errors)))
+    config = TrainConfig(embeddings="e", out="o", **options)
+    protocol = evaluation_protocol(config, data if config.test else None)
+    assert training_rows(data, "label", 64, protocol).counts["small_classes"] == small
+
+
+def test_streamed_batches_hold_each_training_row_once(tmp_path):
+    x, y = clustered_vectors(130, DIM, clusters=3, seed=13)
+    folder = write_embeddings(tmp_path / "emb", x, names(y), shards=4)
+    data = EmbeddingDataset.open(str(folder))
+    rows = training_rows(data, "label", 64, {"kind": "stratified-holdout"})
+    chosen = rows.ids[::2]
+    batches = list(
+        encoded_batches(
+            data, "label", rows.encoder, 16, pa.array(chosen.tolist(), pa.string()),
+            np.random.default_rng(0), shuffle_buffer=40,
+        )
+    )
+    assert max(len(batch.y) for batch in batches) <= 16
+    streamed = np.concatenate([batch.vectors for batch in batches])
+    codes = np.concatenate([batch.y for batch in batches])
+    wanted = np.isin(rows.ids, chosen)
+    # the same rows, shuffled: compare in a canonical order
+    order, expected = np.lexsort(streamed.T), np.lexsort(rows.vectors[wanted].T)
+    np.testing.assert_array_equal(streamed[order], rows.vectors[wanted][expected])
+    np.testing.assert_array_equal(codes[order], rows.y[wanted][expected])
+    assert not np.array_equal(codes, rows.y[wanted])  # and really shuffled
+
+
+def test_a_test_set_keeps_known_classes_and_counts_the_rest(tmp_path):
+    x, y = clustered_vectors(40, DIM, clusters=2, seed=14)
+    train_data = EmbeddingDataset.open(str(write_embeddings(tmp_path / "t", x, names(y))))
+    rows = training_rows(train_data, "label", 64, {"kind": "separate-test-set"})
+    labels: list[str | None] = names(y)
+    errors: list[str | None] = [None] * 40
+    labels[0], labels[1], labels[2], errors[3] = "zebra", "zebra", "", "broken"
+    test = EmbeddingDataset.open(str(write_embeddings(tmp_path / "s", x, labels, errors=errors)))
+    held_out = read_test_set(test, "label", 64, rows.encoder)
+    assert held_out.counts == {
+        "test_skipped_error": 1, "test_skipped_no_label": 1, "test_skipped_unknown_class": 2,
+    }
+    np.testing.assert_array_equal(held_out.vectors, x[4:])
+    np.testing.assert_array_equal(held_out.y, y[4:])
+
+
+def test_balanced_class_weights_give_every_class_the_same_total_weight():
+    y = np.repeat([0, 1, 2], [5, 20, 75])
+    weights = balanced_class_weights(y)
+    totals = [weights[code] * np.sum(y == code) for code in range(3)]
+    assert totals == pytest.approx([len(y) / 3] * 3)
+    assert all(type(code) is int for code in weights)
+
+
+# ---------------------------------------------------------------------------- end to end
 
 
 def test_end_to_end_on_alexnet_output_matches_independent_sklearn(tmp_path, capsys):
@@ -204,35 +388,16 @@ def test_end_to_end_on_alexnet_output_matches_independent_sklearn(tmp_path, caps
     fs.create_dir(base)
     write_table_atomically(table, fs, f"{base}/part-00000.parquet")
 
-    assert (
-        train_main(
-            [
-                str(tmp_path / "emb"),
-                "--out",
-                str(tmp_path / "m"),
-                "--classifier",
-                "linear-svm",
-                "--test-size",
-                "0.5",
-                "--C",
-                "10",
-            ]
-        )
-        == 0
-    )
-    assert (
-        predict_main(
-            [
-                str(tmp_path / "m"),
-                str(tmp_path / "emb"),
-                "--out",
-                str(tmp_path / "pred"),
-                "--top-k",
-                "2",
-            ]
-        )
-        == 0
-    )
+    train_argv = [
+        str(tmp_path / "emb"), "--out", str(tmp_path / "m"), "--classifier", "linear-svm",
+        "--test-size", "0.5", "--C", "10",
+    ]
+    assert train_main(train_argv) == 0
+    predict_argv = [
+        str(tmp_path / "m"), str(tmp_path / "emb"), "--out", str(tmp_path / "pred"),
+        "--top-k", "2",
+    ]
+    assert predict_main(predict_argv) == 0
 
     ok = [i for i, error in enumerate(errors) if error is None]
     x, labels = vectors[ok], np.array([files[i].parent.name for i in ok])
@@ -257,10 +422,13 @@ def test_end_to_end_on_alexnet_output_matches_independent_sklearn(tmp_path, caps
     assert json.loads(metadata[b"fc7.provenance"])["weights_sha256"] == provenance.weights_sha256
 
     capsys.readouterr()
-    query = [str(files[ok[0]]), str(files[ok[-1]])]
-    assert predict_main([str(tmp_path / "m"), "--image", *query, "--device", "cpu"]) == 0
-    printed = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
+    query = [str(files[ok[0]]), str(tmp_path / "missing.jpg"), str(files[ok[-1]])]
+    assert predict_main([str(tmp_path / "m"), "--image", *query, "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    printed = [line.split("\t")[1] for line in captured.out.splitlines()]
     assert printed == [expected_labels[0], expected_labels[-1]]
+    assert captured.err == f"{query[1]}\terror: cannot read: cannot read file: No such file or " \
+        "directory\n"
 
 
 def test_predict_refuses_embeddings_from_other_features(separable, tmp_path):
@@ -276,6 +444,24 @@ def test_predict_refuses_embeddings_from_other_features(separable, tmp_path):
         train(TrainConfig(embeddings=str(separable), out=str(tmp_path / "m2"), test=str(other)))
 
 
+def test_predictions_from_a_newer_release_are_not_overwritten(separable, tmp_path):
+    train(TrainConfig(embeddings=str(separable), out=str(tmp_path / "m")))
+    argv = [str(tmp_path / "m"), str(separable), "--out", str(tmp_path / "pred"), "--overwrite"]
+    assert predict_main(argv) == 0
+    part = tmp_path / "pred" / "part-00000.parquet"
+    table = pq.read_table(part)
+    metadata = dict(table.schema.metadata)
+    about = json.loads(metadata[PREDICTIONS_METADATA_KEY])
+    metadata[PREDICTIONS_METADATA_KEY] = json.dumps({**about, "schema_version": 99}).encode()
+    pq.write_table(table.replace_schema_metadata(metadata), part)
+    with pytest.raises(ArtifactError, match="newer fc7"):
+        predict_main(argv)
+    assert part.exists()
+
+
+# ---------------------------------------------------------------------------- saved classifiers
+
+
 def test_tampered_model_files_are_refused_and_not_executed(separable, tmp_path):
     folder = tmp_path / "m"
     train(TrainConfig(embeddings=str(separable), out=str(folder)))
@@ -288,8 +474,6 @@ def test_tampered_model_files_are_refused_and_not_executed(separable, tmp_path):
         Classifier.load(folder)
 
     def replace_model(data: bytes) -> None:
-        import hashlib
-
         (folder / MODEL_FILE).write_bytes(data)
         manifest["model_sha256"] = hashlib.sha256(data).hexdigest()  # attacker fixes the hash
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -319,20 +503,38 @@ def test_manifest_from_a_newer_release_is_refused(separable, tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="upgrade fc7"):
         Classifier.load(tmp_path / "m")
+    del manifest["schema_version"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="no valid schema version.*retrain"):
+        Classifier.load(tmp_path / "m")
     with pytest.raises(ArtifactError, match="not a classifier folder"):
         Classifier.load(tmp_path)
 
 
-def test_manifest_records_provenance_fingerprint_and_versions(separable, tmp_path):
-    model = train(TrainConfig(embeddings=str(separable), out=str(tmp_path / "m")))
+def test_manifest_fingerprints_the_training_and_test_data(tmp_path):
+    x, y = clustered_vectors(200, DIM, clusters=4, spread=0.2, seed=15)
+    emb = write_embeddings(tmp_path / "emb", x[:150], names(y[:150]), shards=2)
+    test = write_embeddings(tmp_path / "test", x[150:], names(y[150:]))
+    model = train(TrainConfig(embeddings=str(emb), out=str(tmp_path / "m"), test=str(test)))
+    training = json.loads((tmp_path / "m" / MANIFEST_FILE).read_text())["training"]
+    assert training["fingerprint"] == EmbeddingDataset.open(str(emb)).fingerprint()
+    assert training["test_fingerprint"] == EmbeddingDataset.open(str(test)).fingerprint()
+    assert training["fingerprint"] != training["test_fingerprint"]
+    # the same files elsewhere are the same data; one more row is other data
+    shutil.copytree(emb, tmp_path / "copy")
+    copy = train(TrainConfig(embeddings=str(tmp_path / "copy"), out=str(tmp_path / "m2"),
+                             test=str(test)))
+    assert copy.manifest["training"]["fingerprint"] == training["fingerprint"]
+    grown = write_embeddings(tmp_path / "grown", x[:151], names(y[:151]), shards=2)
+    other = train(TrainConfig(embeddings=str(grown), out=str(tmp_path / "m3"), test=str(test)))
+    assert other.manifest["training"]["fingerprint"] != training["fingerprint"]
     manifest = json.loads((tmp_path / "m" / MANIFEST_FILE).read_text())
     assert manifest["classes"] == model.classes
     assert manifest["provenance"]["layer"] == "fc7"
-    assert len(manifest["training"]["fingerprint"]) == 64
     assert {"scikit-learn", "skops", "numpy", "fc7"} <= set(manifest["versions"])
     loaded = Classifier.load(tmp_path / "m")
     assert loaded.provenance == model.provenance
-    assert loaded.metrics["accuracy"] == model.metrics["accuracy"]
+    assert loaded.metrics == model.metrics
 
 
 def test_concurrent_predictions_agree(separable, tmp_path):
@@ -353,6 +555,9 @@ def test_concurrent_predictions_agree(separable, tmp_path):
         model.predict_proba_top(np.zeros((2, DIM + 1)))
 
 
+# ---------------------------------------------------------------------------- errors and options
+
+
 def test_no_labels_one_class_and_empty_input_are_clear_errors(tmp_path):
     x, y = clustered_vectors(30, DIM, clusters=2, seed=7)
     unlabelled = write_embeddings(tmp_path / "none", x)
@@ -361,6 +566,10 @@ def test_no_labels_one_class_and_empty_input_are_clear_errors(tmp_path):
     one = write_embeddings(tmp_path / "one", x, ["cat"] * 30)
     with pytest.raises(ConfigError, match="at least 2 classes.*only 'cat'"):
         train(TrainConfig(embeddings=str(one), out=str(tmp_path / "m")))
+    two = write_embeddings(tmp_path / "two", x, names(y))
+    too_small = r"found none \(2 class\(es\) have fewer than 40 .* cross-validation: class 0"
+    with pytest.raises(ConfigError, match=too_small):
+        train(TrainConfig(embeddings=str(two), out=str(tmp_path / "m"), cv=40))
     empty = write_embeddings(tmp_path / "empty", np.zeros((0, DIM), np.float32))
     with pytest.raises(ArtifactError, match="holds no rows"):
         train(TrainConfig(embeddings=str(empty), out=str(tmp_path / "m")))
@@ -372,7 +581,7 @@ def test_no_labels_one_class_and_empty_input_are_clear_errors(tmp_path):
 
 
 def test_bad_options_are_config_errors(separable, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="--classifier 'forest'.*logreg"):
+    with pytest.raises(ConfigError, match="--classifier forest: .*'logreg'"):
         train_main([str(separable), "--out", str(tmp_path / "m"), "--classifier", "forest"])
     with pytest.raises(ConfigError, match="choose one"):
         train_main([str(separable), "--out", str(tmp_path / "m"), "--cv", "3", "--test", "x"])
@@ -380,11 +589,13 @@ def test_bad_options_are_config_errors(separable, tmp_path, capsys):
         train_main(
             [str(separable), "--out", str(tmp_path / "m"), "--classifier", "sgd", "--search"]
         )
+    with pytest.raises(ConfigError, match="either EMBEDDINGS"):
+        predict_main([str(tmp_path / "m")])
     assert (
         cli.main(["train", str(separable), "--out", str(tmp_path / "m"), "--classifier", "forest"])
         == 2
     )
-    assert "fc7 train: error: --classifier 'forest'" in capsys.readouterr().err
+    assert "fc7 train: error: --classifier forest" in capsys.readouterr().err
     train_main([str(separable), "--out", str(tmp_path / "m"), "--no-normalize"])
     assert [name for name, _ in Classifier.load(tmp_path / "m").model.steps] == [
         "logisticregression"
@@ -399,10 +610,14 @@ def test_data_too_large_for_memory_says_so():
         check_fits_in_memory(1_000_000, 4096, "big", available=8 * 2**30)
 
 
-def test_shipped_yaml_config_is_valid(tmp_path):
-    import argparse
-
-    args = argparse.Namespace(config=str(REPO / "configs" / "train.yaml"), cv=3)
-    config = load_config(TrainConfig, args)
-    assert config.classifier == "logreg" and config.normalize and config.cv == 3
+def test_shipped_yaml_config_is_valid():
+    argv = ["--config", str(REPO / "configs" / "train.yaml"), "--cv", "3"]
+    config = parse_config(TrainConfig, argv, "fc7 train", "")
     assert config == TrainConfig(embeddings="out/embeddings", out="out/classifier", cv=3)
+
+
+def test_device_gpu_is_an_alias_of_cuda():
+    from pipeline.classify import PredictConfig
+
+    config = parse_config(PredictConfig, ["m", "--image", "a.jpg", "--device", "gpu"], "p", "")
+    assert config.device == "cuda"

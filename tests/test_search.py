@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline import index as fx
-from pipeline.cli import main as fc7
+from jobs.cli import main as fc7
 from pipeline.decode import ImageDecodeError
-from pipeline.errors import ArtifactError, ProvenanceMismatch
+from pipeline.errors import ArtifactError, ConfigError, ProvenanceMismatch
+from pipeline.index import IndexConfig, build_index, load_index
+from pipeline.index.faiss_env import gpu_count
 from pipeline.search import Match, SimilarityIndex
 from pipeline.store import EmbeddingDataset
 from tests.conftest import clustered_vectors, write_embeddings, write_labelled_folder
@@ -21,8 +24,8 @@ DIM = 32
 
 
 def build(embeddings: Path, out: Path, **options) -> None:
-    config = fx.IndexConfig(embeddings=str(embeddings), out=str(out), **options)
-    fx.build_index(config, EmbeddingDataset.open(str(embeddings)))
+    config = IndexConfig(embeddings=str(embeddings), out=str(out), **options)
+    build_index(config, EmbeddingDataset.open(str(embeddings)))
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +138,7 @@ def test_query_cli_errors_are_one_line(indexed, tmp_path, capsys) -> None:
     assert "--image PATH... or --id ID..." in capsys.readouterr().err
 
 
+@pytest.mark.slow  # fc7 extract starts Ray
 def test_image_query_end_to_end(tmp_path: Path, capsys) -> None:
     """Extract generated JPEGs, index them, query by one of the files: it comes first."""
     from jobs.extract import main as extract
@@ -199,8 +203,33 @@ def test_reread_vectors_are_checked_like_every_read(tmp_path: Path, capsys) -> N
 
 
 def test_a_position_beyond_the_id_map_is_an_error_not_a_dropped_result(indexed) -> None:
-    loaded = fx.load_index(indexed[0])
+    loaded = load_index(indexed[0])
     loaded.ids, loaded.paths, loaded.labels = loaded.ids[:5], loaded.paths[:5], loaded.labels[:5]
     index = SimilarityIndex(loaded, device="cpu")
     with pytest.raises(ArtifactError, match="beyond its 5 ids; the index is corrupt"):
         index.search_vectors(indexed[1][700], k=3)
+
+
+def test_devices_are_auto_cpu_or_cuda_with_gpu_as_an_alias(indexed) -> None:
+    with pytest.raises(ConfigError, match="--device tpu: must be auto, cpu or cuda"):
+        SimilarityIndex.open(indexed[0], device="tpu")
+    if gpu_count() == 0:
+        for device in ("cuda", "gpu", "cuda:0"):
+            with pytest.raises(ConfigError, match="--device cuda: FAISS has no GPU here"):
+                SimilarityIndex.open(indexed[0], device=device)
+    assert len(SimilarityIndex.open(indexed[0], device="auto")) == 800
+
+
+def test_the_query_api_does_not_load_the_build_code() -> None:
+    # Every query and serve process imports pipeline.search: it must stay light.
+    code = (
+        "import sys, pipeline.search; "
+        "loaded = sorted(m for m in sys.modules if m.startswith('pipeline.index.')); "
+        "print(loaded); "
+        "assert not {'pipeline.index.build', 'pipeline.index.tune', 'pipeline.index.plan'} "
+        "& set(loaded), loaded"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pipeline.index.format" in done.stdout  # the check ran on what search does import

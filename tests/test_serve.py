@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import socket
@@ -36,14 +37,16 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from jobs.build_index import main as build_index
+from jobs.serve import main
 from jobs.train_classifier import main as train_classifier
 from pipeline.classify import Classifier
-from pipeline.config import parse_size
+from pipeline.config import parse_config
 from pipeline.errors import ArtifactError, ConfigError, ProvenanceMismatch
+from pipeline.fs import resolve
 from pipeline.model import Embedder, load_weights
-from pipeline.serve import background_server, create_app, default_allowed_hosts, main
+from pipeline.serve import ServeConfig, background_server, create_app, default_allowed_hosts
 from pipeline.sources import iter_inputs
-from pipeline.store import EmbeddingDataset, build_table, embeddings_to_numpy, resolve
+from pipeline.store import EmbeddingDataset, build_table, embeddings_to_numpy
 from pipeline.store import write_table_atomically as write_atomically
 
 CLASSES, PER_CLASS = 3, 5
@@ -131,8 +134,11 @@ def test_health_and_info_describe_the_index(client: TestClient, built: dict) -> 
     assert health["status"] == "ok" and health["items"] == CLASSES * PER_CLASS
     info = client.get("/info").json()
     assert info["size"] == CLASSES * PER_CLASS
-    assert info["dim"] == 4096 and info["kind"]
-    assert info["recall"] is None or 0.0 <= info["recall"] <= 1.0
+    manifest = json.loads((built["index"] / "manifest.json").read_text())
+    assert info["dim"] == 4096 == manifest["dim"]
+    assert (info["kind"], info["factory"]) == (manifest["kind"], manifest["factory"])
+    # 15 rows: `--kind auto` searches exactly, and exact search is its own oracle.
+    assert info["kind"] == "flat" and info["recall"] == manifest["recall_at_10"] == 1.0
     stored = EmbeddingDataset.open(str(built["root"] / "embeddings")).provenance
     assert info["provenance"]["weights_sha256"] == stored.weights_sha256
     assert info["provenance"]["layer"] == "fc7"
@@ -882,13 +888,18 @@ def test_concurrent_requests_on_a_real_server_match_serial_answers(built: dict) 
             assert [f.result() for f in image_futures] == serial_images * 2
 
 
-def test_parse_size() -> None:
-    assert parse_size("20MB") == 20_000_000
-    assert parse_size("512KiB") == 512 * 1024
-    assert parse_size("1.5g") == 1_500_000_000
-    assert parse_size("123") == 123 and parse_size(7) == 7
-    with pytest.raises(ValueError, match="not a size"):
-        parse_size("lots")
+def test_allowed_hosts_are_one_comma_separated_flag_or_a_yaml_list(tmp_path: Path) -> None:
+    # One argument, so that INDEX_DIR may follow the flag.
+    config = parse_config(
+        ServeConfig, ["--allowed-hosts", "a.example, *.b.example", "out/index"], "fc7 serve", ""
+    )
+    assert config.index_dir == "out/index"
+    assert config.host_patterns == ["a.example", "*.b.example"]
+    yaml_file = tmp_path / "serve.yaml"
+    yaml_file.write_text("index_dir: out/index\nallowed_hosts: [a.example, '*']\n")
+    from_yaml = parse_config(ServeConfig, ["--config", str(yaml_file)], "fc7 serve", "")
+    assert from_yaml.host_patterns == ["a.example", "*"]
+    assert parse_config(ServeConfig, ["out/index"], "fc7 serve", "").host_patterns is None
 
 
 def test_cli_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
@@ -917,7 +928,7 @@ def test_fc7_serve_command_serves_the_index_on_loopback(built: dict) -> None:
     command = [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "jobs.cli",
         "serve",
         str(built["index"]),
         "--port",
