@@ -112,6 +112,10 @@ def new_parser(
 
 
 def _add_argument(parser: argparse.ArgumentParser, name: str, info: Any, cli: dict) -> None:
+    if cli["positional"]:
+        parser.add_argument(name, nargs="?", metavar=cli["metavar"] or name.upper(),
+                            help=info.description)
+        return
     choices = _choices(info.annotation)
     metavar = cli["metavar"] or ("{" + ",".join(choices) + "}" if choices else name.upper())
     kwargs: dict[str, Any] = {"help": f"{info.description} (default: {_shown_default(info)})"}
@@ -122,13 +126,7 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, info: Any, cli: di
         kwargs.update(action=argparse.BooleanOptionalAction if info.default else "store_true")
     else:
         kwargs.update(metavar=metavar)
-    if cli["positional"]:
-        kwargs.pop("metavar", None)
-        parser.add_argument(name, nargs="?", metavar=cli["metavar"] or name.upper(),
-                            help=info.description)
-        return
-    flag = cli["flag"] or "--" + name.replace("_", "-")
-    parser.add_argument(flag, dest=name, **kwargs)
+    parser.add_argument(cli["flag"] or "--" + name.replace("_", "-"), dest=name, **kwargs)
 
 
 def _shown_default(info: Any) -> str:
