@@ -247,14 +247,21 @@ class Embedder:
         provenance: Provenance,
         device: str = "auto",
         decode_memory: int = DEFAULT_DECODE_MEMORY,
+        weights: Weights | None = None,
+        model_dirs: tuple[str, ...] = (),
     ) -> Embedder:
         """The embedder that made artifacts with `provenance`, its weights checked by sha256.
+
+        Args:
+            weights: already loaded weights (saves loading them again); checked all the same.
+            model_dirs: folders (local or URI) besides the cache where a derived model file
+                named by the provenance (the int8 model) may be found.
 
         Raises:
             WeightsError: the recorded weights cannot be loaded here.
             ProvenanceMismatch: the weights found here differ from the recorded ones.
         """
-        weights = load_weights(provenance.weights)
+        weights = weights or load_weights(provenance.weights)
         if weights.sha256 != provenance.weights_sha256:
             raise ProvenanceMismatch(
                 f"weights {provenance.weights}: sha256 here is {weights.sha256[:12]}..., the "

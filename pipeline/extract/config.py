@@ -31,6 +31,17 @@ class ExtractConfig(JobConfig):
     batch_size: PositiveInt = option(64, "images per model call", metavar="N")
     device: Device = option("auto", "auto (CUDA if any), cpu or cuda (gpu is an alias)")
     dtype: Literal["float32", "float16"] = option("float32", "stored vector type")
+    precision: Literal["auto", "fp32", "fp16", "int8"] = option(
+        "auto",
+        "model arithmetic: auto (fp16 on GPU, fp32 on CPU), fp32 (exact), fp16 (GPU only), or "
+        "int8 (CPU, ONNX Runtime, calibrated on your images and checked against fp32; a "
+        "different feature space from fp32)",
+    )
+    runner: Literal["auto", "local", "ray"] = option(
+        "auto",
+        "auto: in this process when no cluster is given and one worker would do (or the job is "
+        "small), else Ray; local: always in this process; ray: always on Ray",
+    )
     limit: PositiveInt | None = option(None, "embed only the first N images", metavar="N")
     num_workers: PositiveInt | None = option(
         None, "model replicas (Ray actors); none means one per GPU, or one per 8 CPUs",
@@ -59,6 +70,23 @@ class ExtractConfig(JobConfig):
         "is an error row",
         metavar="SIZE",
         validate_default=True,
+    )
+    int8_calibration_images: PositiveInt = option(
+        128, "int8: images of the collection the quantisation is calibrated on", metavar="N"
+    )
+    int8_check_images: PositiveInt = option(
+        256,
+        "int8: other images embedded both ways to measure the int8 model against fp32",
+        metavar="N",
+    )
+    int8_min_cosine: float = option(
+        0.99, "int8: refuse a model whose mean cosine to fp32 is below this", metavar="X",
+        ge=0, le=1,
+    )
+    int8_min_overlap: float = option(
+        0.9,
+        "int8: refuse a model whose mean top-10 neighbour overlap with fp32 is below this",
+        metavar="X", ge=0, le=1,
     )
     overwrite: bool = option(
         False,
