@@ -1,14 +1,18 @@
-"""Extraction throughput on ~2,000 real Caltech-101 photos, three ways, in one run:
+"""Extraction speed on ~2,000 real Caltech-101 photos, in one run, against a naive script:
 
-  (a) naive baseline: torchvision ImageFolder + DataLoader + the stock fp32 model;
-  (b) the project's own decode and model code in a single-process loop, no Ray;
-  (c) `fc7 extract` through Ray (a subprocess, as a user runs it);
-  (d) for reference, the same decode and model as a plain Ray Data pipeline (read, decode with
-      map_batches tasks, embed in one actor, write_parquet), the design fc7 does not use.
+  (a) the naive script a user would write (ImageFolder + DataLoader + stock AlexNet, fp32,
+      embeddings saved with numpy), run as a whole process: whole-process and steady-state
+      images/s (steady: after its first batch);
+  (b) the project's own decode and model code in a single-process loop (steady state);
+  (c) `fc7 extract` fp32, as a user runs it (a subprocess): whole command and steady state;
+  (d) `fc7 extract --precision int8`: whole command with the int8 model built (a fresh cache),
+      whole command with it cached (a second output over the same photos), and steady state;
+  (e) with --ray, `fc7 extract --runner ray` (the embedded local Ray) for reference.
 
-Prints images/s and the ratios c/a, c/b and c/d. Random weights (the speed is the same).
+Every ratio is printed against (a): steady over steady, whole over whole. Random weights (the
+speed is the same as ImageNet's; the int8 fidelity figures are not: see the printed gate).
 
-    python bench/extract.py [--per-class 20] [--workers 2]
+    python bench/extract.py [--per-class 20] [--ray]
 """
 
 import argparse
@@ -21,37 +25,57 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
-from torchvision.models import AlexNet_Weights, alexnet
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.model import Embedder, load_weights  # noqa: E402
-from pipeline.provenance import Preprocessing  # noqa: E402
 
 CALTECH = REPO.parent / "shared/datasets/caltech101/101_ObjectCategories"
+
+# What a user writes without fc7, timed from the interpreter's start to its end.
+NAIVE_SCRIPT = """
+import sys, time, numpy as np, torch
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from torchvision.models import AlexNet_Weights, alexnet
+model = alexnet().eval()
+model.classifier = model.classifier[:6]  # fc7, after its ReLU
+data = ImageFolder(sys.argv[1], transform=AlexNet_Weights.IMAGENET1K_V1.transforms())
+vectors = []
+with torch.inference_mode():
+    for i, (images, _) in enumerate(DataLoader(data, batch_size=64, num_workers=int(sys.argv[3]))):
+        vectors.append(model(images).numpy())
+        if i == 0:
+            started, first = time.perf_counter(), len(images)
+steady = (len(data) - first) / (time.perf_counter() - started)
+np.save(sys.argv[2], np.concatenate(vectors))
+print(f"steady {steady:.1f}")
+"""
 
 
 def chosen_photos(per_class: int) -> list[Path]:
     return [p for d in sorted(CALTECH.iterdir()) for p in sorted(d.glob("*.jpg"))[:per_class]]
 
 
-def naive(files: list[Path], workers: int, batch: int) -> float:
-    keep = {str(p) for p in files}
-    data = ImageFolder(str(CALTECH), transform=AlexNet_Weights.IMAGENET1K_V1.transforms(),
-                       is_valid_file=lambda path: path in keep)
-    model = alexnet(weights=None).eval()
-    model.load_state_dict(load_weights("random:0").state_dict)
-    fc7 = torch.nn.Sequential(model.features, model.avgpool, torch.nn.Flatten(1),
-                              *model.classifier[:6])
+def as_folder(files: list[Path], root: Path) -> Path:
+    """The photos as an ImageFolder tree of symlinks (what the naive script and fc7 read)."""
+    for path in files:
+        link = root / path.parent.name / path.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+    return root
+
+
+def naive(folder: Path, scratch: Path, workers: int) -> tuple[float, float]:
+    script = scratch / "naive.py"
+    script.write_text(NAIVE_SCRIPT)
     started = time.perf_counter()
-    with torch.inference_mode():
-        for images, _ in DataLoader(data, batch_size=batch, num_workers=workers):
-            fc7(images)
-    return len(data) / (time.perf_counter() - started)
+    done = subprocess.run([sys.executable, str(script), str(folder), str(scratch / "naive.npy"),
+                           str(workers)], capture_output=True, text=True, check=True)
+    whole = time.perf_counter() - started
+    return whole, float(re.search(r"steady ([\d.]+)", done.stdout).group(1))
 
 
 def own_loop(files: list[Path], batch: int) -> float:
@@ -64,51 +88,18 @@ def own_loop(files: list[Path], batch: int) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
-def through_ray(files: list[Path], batch: int) -> tuple[float, float]:
-    with tempfile.TemporaryDirectory() as scratch:
-        manifest = Path(scratch) / "photos.txt"
-        manifest.write_text("\n".join(map(str, files)))
-        started = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, str(REPO / "jobs/extract.py"), str(manifest), "--out",
-             f"{scratch}/out", "--weights", "random:0", "--batch-size", str(batch)],
-            capture_output=True, text=True, check=True,
-        )
-        wall = len(files) / (time.perf_counter() - started)
-    print(done.stdout)
+def fc7_extract(folder: Path, out: Path, *options: str, env: dict | None = None):
+    """(seconds for the whole command, steady images/s, its output) of one `fc7 extract`."""
+    command = [sys.executable, "-m", "jobs.cli", "extract", str(folder), "--out", str(out),
+               "--weights", "random:0", *options]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+    whole = time.perf_counter() - started
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     steady = float(re.search(r"([\d.]+) images/s once the workers", done.stdout).group(1))
-    return wall, steady
-
-
-def ray_data(files: list[Path], batch: int) -> float:
-    import numpy as np
-    import ray
-
-    class Embed:
-        def __init__(self):
-            # Ray sets OMP_NUM_THREADS to the actor's CPUs (1); let torch use every core.
-            torch.set_num_threads(os.cpu_count())
-            self.embedder = Embedder(load_weights("random:0"), "fc7", device="cpu")
-
-        def __call__(self, rows: dict) -> dict:
-            return {"path": rows["path"], "embedding": list(self.embedder(
-                torch.from_numpy(np.stack(rows["image"]))))}
-
-    def decode(rows: dict) -> dict:
-        images = [decode_image(Path(p).read_bytes(), Preprocessing())[0].numpy()
-                  for p in rows["path"]]
-        return {"path": rows["path"], "image": images}
-
-    ray.init(include_dashboard=False, logging_level="WARNING")
-    with tempfile.TemporaryDirectory() as scratch:
-        started = time.perf_counter()
-        (ray.data.from_items([{"path": str(p)} for p in files])
-         .map_batches(decode, batch_size=batch)
-         .map_batches(Embed, batch_size=batch, concurrency=1, num_cpus=1)
-         .write_parquet(scratch))
-        seconds = time.perf_counter() - started
-    ray.shutdown()
-    return len(files) / seconds
+    return whole, steady, done.stdout
 
 
 def main() -> None:
@@ -117,25 +108,53 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20,
                         help="photos per class (default: 20, about 2,000 in all)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
-                        help="DataLoader workers for the baseline (default: CPU count)")
+                        help="DataLoader workers of the naive script (default: CPU count)")
     parser.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
+    parser.add_argument("--ray", action="store_true", help="also time --runner ray")
     args = parser.parse_args()
     if not CALTECH.is_dir():
         sys.exit(f"{CALTECH} is absent: this benchmark needs ../shared/datasets")
     files = chosen_photos(args.per_class)
-    print(f"{len(files)} photos, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    count = len(files)
+    print(f"{count} photos, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    a = naive(files, args.workers, args.batch_size)
-    print(f"(a) ImageFolder + DataLoader({args.workers} workers) + fp32 model: {a:7.1f} img/s")
-    b = own_loop(files, args.batch_size)
-    print(f"(b) own decode + model, one process, no Ray:       {b:7.1f} img/s")
-    c_wall, c_steady = through_ray(files, args.batch_size)
-    print(f"(c) fc7 extract through Ray, whole command:         {c_wall:7.1f} img/s")
-    print(f"(c) fc7 extract through Ray, once workers are up:   {c_steady:7.1f} img/s")
-    d = ray_data(files, args.batch_size)
-    print(f"(d) plain Ray Data pipeline, after ray.init:       {d:7.1f} img/s")
-    print(f"c/a = {c_steady / a:.2f} (whole command {c_wall / a:.2f}); "
-          f"c/b = {c_steady / b:.2f} (whole command {c_wall / b:.2f}); c/d = {c_steady / d:.2f}")
+    rows = []  # (label, images/s, steady or whole)
+
+    def show(label: str, per_second: float, kind: str) -> None:
+        rows.append((label, per_second, kind))
+        print(f"{label:<58} {per_second:7.1f} img/s", flush=True)
+
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        folder = as_folder(files, scratch / "photos")
+        whole, steady = naive(folder, scratch, args.workers)
+        show(f"(a) naive script, whole process ({whole:.1f} s)", count / whole, "whole")
+        show("(a) naive script, steady state", steady, "steady")
+        show("(b) own decode + model loop, one process", own_loop(files, args.batch_size),
+             "steady")
+        batch = ("--batch-size", str(args.batch_size))
+        whole, steady, _ = fc7_extract(folder, scratch / "fp32", *batch)
+        show(f"(c) fc7 extract fp32, whole command ({whole:.1f} s)", count / whole, "whole")
+        show("(c) fc7 extract fp32, steady state", steady, "steady")
+        cache = {"FC7_CACHE": str(scratch / "cache")}
+        whole, steady, printed = fc7_extract(folder, scratch / "int8", *batch, "--precision",
+                                             "int8", env=cache)
+        gate = [line for line in printed.splitlines() if "cosine" in line]
+        show(f"(d) fc7 extract int8, whole, model built ({whole:.1f} s)", count / whole, "whole")
+        whole, steady, _ = fc7_extract(folder, scratch / "int8-again", *batch, "--precision",
+                                       "int8", env=cache)
+        show(f"(d) fc7 extract int8, whole, model cached ({whole:.1f} s)", count / whole,
+             "whole")
+        show("(d) fc7 extract int8, steady state", steady, "steady")
+        if args.ray:
+            whole, steady, _ = fc7_extract(folder, scratch / "ray", *batch, "--runner", "ray")
+            show(f"(e) fc7 extract --runner ray, whole ({whole:.1f} s)", count / whole, "whole")
+            show("(e) fc7 extract --runner ray, steady state", steady, "steady")
+    print("\nint8 gate (random weights):", *gate, sep="\n  ")
+    baseline = {kind: per_second for label, per_second, kind in rows[:2]}
+    print("\nratios against (a), steady over steady and whole over whole:")
+    for label, per_second, kind in rows[2:]:
+        print(f"  {label:<58} {per_second / baseline[kind]:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pipeline.config import parse_config  # noqa: E402
 from pipeline.extract import (  # noqa: E402
     ExtractConfig,
     ShardStats,
+    choose_runner,
     pending_shards,
     prepare_output,
     run_shards,
@@ -37,7 +38,8 @@ Run the same command again to resume an interrupted run."""
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(ExtractConfig, argv, "fc7 extract",
                           "Embed images with AlexNet into Parquet.", EPILOG)
-    provenance = make_provenance(load_weights(config.weights), config.layer, config.dtype)
+    weights = load_weights(config.weights)
+    provenance = make_provenance(weights, config.layer, config.dtype)
     plan = prepare_output(config, provenance) or write_plan(
         config, provenance, iter_inputs(config.source)
     )
@@ -47,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
               "nothing to do")
         return 0
     started = time.perf_counter()
+    runner = choose_runner(config, plan.inputs)
     done = plan.inputs - sum(plan.shard_rows(shard) for shard in shards)
     with tqdm(total=plan.inputs, initial=done, unit="img", desc="embedding") as bar:
         def progress(shard: ShardStats, so_far: ShardStats) -> None:
             bar.update(shard.seen)
             bar.set_postfix(failed=so_far.failed)
 
-        total = run_shards(config, plan, shards, progress)
+        total = run_shards(config, plan, shards, progress, runner, weights)
     print(summary(total, plan, time.perf_counter() - started, plan.shards - len(shards)))
     return 0
 

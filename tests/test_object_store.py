@@ -12,6 +12,7 @@ import pytest
 import ray
 from conftest import REPO
 
+import pipeline.fs
 from jobs.extract import main as extract
 from pipeline.store import EmbeddingDataset
 
@@ -77,3 +78,27 @@ def test_extract_reads_and_writes_s3_and_resumes(s3_query, capsys):
     assert rows["broken/not-an-image.jpg"]["error"].startswith("not an image")
     assert extract([source, "--out", out, "--weights", "random:0", "--shard-size", "5"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_worker_makes_one_s3_client_for_all_its_shards(s3_query, monkeypatch):
+    made = []
+
+    class CountingPyarrowFs:
+        """pyarrow.fs as pipeline.fs sees it, recording every file system it makes."""
+
+        def __getattr__(self, name):
+            return getattr(pafs, name)
+
+        class FileSystem:
+            @staticmethod
+            def from_uri(uri):
+                made.append(uri)
+                return pafs.FileSystem.from_uri(uri)
+
+    monkeypatch.setattr(pipeline.fs, "pafs", CountingPyarrowFs())
+    pipeline.fs._filesystem.cache_clear()
+    source, out = f"s3://photos/in?{s3_query}", f"s3://photos/counted?{s3_query}"
+    assert extract([source, "--out", out, "--weights", "random:0", "--shard-size", "4",
+                    "--runner", "local"]) == 0
+    assert EmbeddingDataset.open(out).count(with_errors=True) == 13  # 4 shards, 13 reads
+    assert made == [f"s3://photos?{s3_query}"]

@@ -3,16 +3,24 @@
     config   ExtractConfig, the options of `fc7 extract`
     plan     the plan of a run and the output folder it owns (resume, --overwrite)
     worker   ShardEmbedder: embeds one shard into its part file
-    runner   runs the shards on Ray and sums up what they did
+    runner   runs the shards in this process or on Ray, and sums up what they did
 """
 
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan, pending_shards, prepare_output, write_plan
-from pipeline.extract.runner import run_shards, start_ray, stop_ray, summary, worker_layout
+from pipeline.extract.runner import (
+    choose_runner,
+    run_shards,
+    start_ray,
+    stop_ray,
+    summary,
+    worker_layout,
+)
 from pipeline.extract.worker import ShardEmbedder, ShardStats
 
 __all__ = [
     "ExtractConfig",
+    "choose_runner",
     "Plan",
     "ShardEmbedder",
     "ShardStats",

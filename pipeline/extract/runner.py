@@ -1,5 +1,6 @@
-"""Running the shards of a plan on Ray: one `ShardEmbedder` actor per model replica (GPU actors
-where there are GPUs), two shards queued per actor, a summary at the end.
+"""Running the shards of a plan: in this process, or on Ray with one `ShardEmbedder` actor per
+model replica (GPU actors where there are GPUs), two shards queued per actor; a summary at the
+end. Both runners run the same shard code and write the same part files.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import Plan
 from pipeline.extract.worker import ShardEmbedder, ShardStats
+from pipeline.model import Weights
+
+# Below this many images a job runs in this process even where Ray would start several
+# workers: Ray's start and a model load per actor cost about 10 s, what 1,000 images take on
+# one CPU replica.
+SMALL_JOB_IMAGES = 1000
 
 
 def summary(stats: ShardStats, plan: Plan, seconds: float, skipped_shards: int) -> str:
@@ -118,16 +125,69 @@ def worker_layout(config: ExtractConfig, resources: dict) -> tuple[int, int, boo
     return workers, per_worker, on_gpu
 
 
+def local_resources() -> dict:
+    """The CPUs and GPUs an embedded local Ray would see on this machine."""
+    import torch
+
+    return {"CPU": len(os.sched_getaffinity(0)), "GPU": torch.cuda.device_count()}
+
+
+def choose_runner(config: ExtractConfig, images: int) -> str:
+    """`local` or `ray` for `--runner` and a job of `images` images.
+
+    `auto` runs in this process when no cluster is given (no RAY_ADDRESS, which `ray job
+    submit` always sets, and no Ray already started here) and a local Ray would start a single
+    worker anyway, or the job is small; everything else goes to Ray.
+    """
+    if config.runner != "auto":
+        return config.runner
+    if os.environ.get("RAY_ADDRESS") or _ray_is_initialized():
+        return "ray"
+    workers, _, _ = worker_layout(config, local_resources())
+    return "local" if workers == 1 or images < SMALL_JOB_IMAGES else "ray"
+
+
+def _ray_is_initialized() -> bool:
+    import sys
+
+    # Only a Ray this process imported can be running in it; importing it costs a second.
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def run_shards(
-    config: ExtractConfig, plan: Plan, shards: list[int], on_shard_done
+    config: ExtractConfig,
+    plan: Plan,
+    shards: list[int],
+    on_shard_done,
+    runner: str = "ray",
+    weights: Weights | None = None,
 ) -> ShardStats:
-    """Embed `shards` on Ray actors; calls `on_shard_done(stats, total)` as each part lands."""
+    """Embed `shards` in this process (`runner="local"`, with `weights` if already loaded) or
+    on Ray actors; calls `on_shard_done(stats, total)` as each part lands."""
+    if runner == "local":
+        return _run_here(config, plan, shards, on_shard_done, weights)
     started = start_ray()
     try:
         return _run_on_actors(config, plan, shards, on_shard_done)
     finally:
         if started:
             stop_ray()
+
+
+def _run_here(config: ExtractConfig, plan: Plan, shards: list[int], on_shard_done, weights):
+    # The same ShardEmbedder as a Ray actor runs, with every core of this machine: the model
+    # in this thread, decoding in its thread pool.
+    threads = config.cpus_per_worker or local_resources()["CPU"]
+    embed_shard = ShardEmbedder(config, plan, threads, weights)
+    total = ShardStats()
+    try:
+        for shard in shards:
+            stats = embed_shard(shard)
+            total.merge(stats)
+            on_shard_done(stats, total)
+    finally:
+        embed_shard.close()
+    return total
 
 
 def _run_on_actors(config: ExtractConfig, plan: Plan, shards: list[int], on_shard_done):

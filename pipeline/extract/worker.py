@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +19,10 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.decode import ImageDecodeError, decode_image
-from pipeline.errors import ProvenanceMismatch
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.plan import Plan
-from pipeline.fs import resolve
-from pipeline.model import Embedder, load_weights
+from pipeline.extract.plan import PLAN_FOLDER, Plan
+from pipeline.fs import is_uri, resolve, uri_builder
+from pipeline.model import Embedder, Weights
 from pipeline.sources import (
     InputReadError,
     read_image_bytes,
@@ -61,16 +61,19 @@ class DecodedRow(NamedTuple):
     height: int | None = None
 
 
-def _load_and_decode(item: dict, embedder: Embedder, config: ExtractConfig) -> DecodedRow:
+def _load_and_decode(
+    item: dict, embedder: Embedder, config: ExtractConfig, decode_slots: threading.Semaphore
+) -> DecodedRow:
     try:
         data = read_image_bytes(item["path"], config.max_bytes)
     except InputReadError as err:
         return DecodedRow(None, str(err))
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        tensor, width, height = decode_image(
-            data, embedder.preprocessing, config.max_pixels, embedder.decode_budget
-        )
+        with decode_slots:
+            tensor, width, height = decode_image(
+                data, embedder.preprocessing, config.max_pixels, embedder.decode_budget
+            )
     except ImageDecodeError as err:
         return DecodedRow(None, str(err), sha256)
     except (RuntimeError, MemoryError) as err:
@@ -83,29 +86,45 @@ def _load_and_decode(item: dict, embedder: Embedder, config: ExtractConfig) -> D
 class ShardEmbedder:
     """Loads the model once; `__call__(shard)` embeds one shard of the plan into its part file.
 
-    Plain Python: Ray runs it as an actor (`run_shards`), and it runs without Ray as well.
+    Plain Python: Ray runs it as an actor, and the local runner calls it in its own process
+    (`run_shards`).
+
+    Args:
+        threads: CPU threads of this replica (all of this process's when None).
+        weights: already loaded weights (the local runner's); loaded here when None. Either way
+            checked against the plan's provenance.
     """
 
-    def __init__(self, config: ExtractConfig, plan: Plan, threads: int | None = None):
+    def __init__(
+        self,
+        config: ExtractConfig,
+        plan: Plan,
+        threads: int | None = None,
+        weights: Weights | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.config = config
         self.plan = plan
-        self.embedder = Embedder(
-            load_weights(config.weights),
-            config.layer,
+        _, out_path = resolve(plan.out)
+        self.embedder = Embedder.matching(
+            plan.provenance,
             config.device,
-            config.dtype,
-            decode_memory=config.decode_memory,
+            config.decode_memory,
+            weights=weights,
+            model_dirs=(uri_builder(plan.out)(f"{out_path}/{PLAN_FOLDER}"),),
         )
-        if self.embedder.weights.sha256 != plan.provenance.weights_sha256:
-            raise ProvenanceMismatch(
-                f"weights {config.weights} on this worker differ from the driver's "
-                f"({self.embedder.weights.sha256[:12]} vs {plan.provenance.weights_sha256[:12]})"
-            )
-        # Decoding overlaps the model; one thread per spare core, at least one.
-        decode_threads = max(1, (threads or os.cpu_count() or 2) - 1)
-        self.decoder = ThreadPoolExecutor(decode_threads, thread_name_prefix="fc7-decode")
+        # Decoding overlaps the model; one decode per spare core, at least one. Reads wait on
+        # the disk or the network, not the CPU, so more of them run at once (on an object
+        # store, many): a slow read does not leave the model without images.
+        cores = threads or len(os.sched_getaffinity(0))
+        self.decode_slots = threading.BoundedSemaphore(max(1, cores - 1))
+        readers = 16 if is_uri(plan.source) else max(1, cores - 1) + 1
+        self.loader = ThreadPoolExecutor(readers, thread_name_prefix="fc7-read")
+
+    def close(self) -> None:
+        """Stop the read and decode threads (a Ray actor's end does this for it)."""
+        self.loader.shutdown(wait=True, cancel_futures=True)
 
     def __call__(self, shard: int) -> ShardStats:
         started = time.time()
@@ -113,9 +132,11 @@ class ShardEmbedder:
         with fs.open_input_file(self.plan.inputs_file) as file:
             plan = pq.ParquetFile(file, page_checksum_verification=True)
             rows = plan.read_row_group(shard).to_pylist()
-        # map() submits every row at once, so decoding runs ahead while the model works.
-        decoded = self.decoder.map(
-            lambda row: _load_and_decode(row, self.embedder, self.config), rows
+        # map() submits every row at once, so reading and decoding run ahead while the model
+        # works; at most one file's bytes per thread are held.
+        decoded = self.loader.map(
+            lambda row: _load_and_decode(row, self.embedder, self.config, self.decode_slots),
+            rows,
         )
         embeddings = np.zeros((len(rows), self.plan.provenance.dim), dtype=np.float32)
         results: list[DecodedRow] = []
