@@ -7,7 +7,9 @@
   (c) `fc7 extract` fp32, as a user runs it (a subprocess): whole command and steady state;
   (d) `fc7 extract --precision int8`: whole command with the int8 model built (a fresh cache),
       whole command with it cached (a second output over the same photos), and steady state;
-  (e) with --ray, `fc7 extract --runner ray` (the embedded local Ray) for reference.
+  (e) with --ray, `fc7 extract --runner ray` (the embedded local Ray) for reference;
+  (f) the 12 bundled example photos: the whole `fc7 extract` against the time a bare
+      `import torch, torchvision, pyarrow` takes, i.e. what fc7 adds to its imports.
 
 Every ratio is printed against (a): steady over steady, whole over whole. Random weights (the
 speed is the same as ImageNet's; the int8 fidelity figures are not: see the printed gate).
@@ -102,6 +104,18 @@ def fc7_extract(folder: Path, out: Path, *options: str, env: dict | None = None)
     return whole, steady, done.stdout
 
 
+def bundled_example(scratch: Path) -> tuple[float, float]:
+    """(seconds to import torch, torchvision and pyarrow; seconds of the whole `fc7 extract`
+    of the 12 bundled photos), each the best of three runs."""
+    imports, whole = [], []
+    for attempt in range(3):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch, torchvision, pyarrow"], check=True)
+        imports.append(time.perf_counter() - started)
+        whole.append(fc7_extract(REPO / "examples/images", scratch / f"example-{attempt}")[0])
+    return min(imports), min(whole)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,6 +164,9 @@ def main() -> None:
             whole, steady, _ = fc7_extract(folder, scratch / "ray", *batch, "--runner", "ray")
             show(f"(e) fc7 extract --runner ray, whole ({whole:.1f} s)", count / whole, "whole")
             show("(e) fc7 extract --runner ray, steady state", steady, "steady")
+        imports, whole = bundled_example(scratch)
+    print(f"\n(f) 12 bundled photos: fc7 extract {whole:.2f} s, the imports alone {imports:.2f}"
+          f" s: {whole - imports:.2f} s of fc7's own")
     print("\nint8 gate (random weights):", *gate, sep="\n  ")
     baseline = {kind: per_second for label, per_second, kind in rows[:2]}
     print("\nratios against (a), steady over steady and whole over whole:")

@@ -196,9 +196,13 @@ def _run_on_actors(config: ExtractConfig, plan: Plan, shards: list[int], on_shar
     # give its shard to another actor (which the elastic pool of a real cluster needs).
     import ray
 
-    workers, per_worker, on_gpu = worker_layout(config, ray.cluster_resources())
+    resources = ray.cluster_resources()
+    workers, per_worker, on_gpu = worker_layout(config, resources)
+    # --num-workers above the GPU count shares each GPU between replicas (bench/gpu_check.sh
+    # measures whether two replicas per GPU beat one).
+    gpus_per_worker = min(1.0, resources.get("GPU", 0) / workers) if on_gpu else 0
     actor_class = ray.remote(ShardEmbedder).options(
-        num_cpus=per_worker, num_gpus=1 if on_gpu else 0, max_restarts=2, max_task_retries=2
+        num_cpus=per_worker, num_gpus=gpus_per_worker, max_restarts=2, max_task_retries=2
     )
     actors = [
         actor_class.remote(config, plan, per_worker) for _ in range(min(workers, len(shards)))
