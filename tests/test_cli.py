@@ -76,3 +76,30 @@ def test_a_bad_value_exits_2_naming_the_flag():
     assert done.returncode == 2
     assert done.stderr.strip() == ("fc7 extract: error: --batch-size 0: Input should be "
                                    "greater than 0")
+
+
+@pytest.mark.parametrize(("name", "model"), [
+    ("extract", "pipeline.extract.config:ExtractConfig"),
+    ("index", "pipeline.index.config:IndexConfig"),
+    ("train", "pipeline.classify.config:TrainConfig"),
+])
+def test_each_yaml_config_is_valid_and_shows_every_option_at_its_default(name, model):
+    import importlib
+
+    import yaml
+
+    module, _, class_name = model.partition(":")
+    config_model = getattr(importlib.import_module(module), class_name)
+    values = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    fields = config_model.model_fields
+    assert set(values) <= set(fields), f"{name}.yaml: unknown keys"
+    optional = {field for field, info in fields.items() if not info.is_required()}
+    assert optional <= set(values), f"{name}.yaml does not show {sorted(optional - set(values))}"
+    # Validated both ways, so that "2GiB" and 2147483648 compare equal. Required values a
+    # file leaves to the command line get a placeholder.
+    required = {field: values.get(field, "placeholder") for field in set(fields) - optional}
+    values = {**required, **values}
+    shown = config_model.model_validate(values).model_dump()
+    defaults = config_model.model_validate(required).model_dump()
+    assert {field: shown[field] for field in optional} == {
+        field: defaults[field] for field in optional}
