@@ -24,7 +24,8 @@ from pipeline.extract import (  # noqa: E402
     summary,
     write_plan,
 )
-from pipeline.model import load_weights, make_provenance  # noqa: E402
+from pipeline.extract.calibrate import prepare_int8  # noqa: E402
+from pipeline.model import load_weights, make_provenance, resolve_precision  # noqa: E402
 from pipeline.sources import iter_inputs  # noqa: E402
 
 EPILOG = """examples:
@@ -39,10 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(ExtractConfig, argv, "fc7 extract",
                           "Embed images with AlexNet into Parquet.", EPILOG)
     weights = load_weights(config.weights)
-    provenance = make_provenance(weights, config.layer, config.dtype)
+    provenance = make_provenance(
+        weights, config.layer, config.dtype,
+        precision=resolve_precision(config.precision, config.device),
+    )
     plan = prepare_output(config, provenance) or write_plan(
         config, provenance, iter_inputs(config.source)
     )
+    if plan.provenance.precision == "int8":
+        plan, figures = prepare_int8(config, plan, weights)
+        print(figures)
     shards = pending_shards(plan)
     if not shards:
         print(f"fc7 extract: {config.out} is already complete ({plan.inputs:,} images); "

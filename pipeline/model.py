@@ -26,8 +26,9 @@ from pipeline.decode import (
     ImageDecodeError,
     decode_image,
 )
-from pipeline.errors import ConfigError, ProvenanceMismatch, WeightsError
+from pipeline.errors import ArtifactError, ConfigError, ProvenanceMismatch, WeightsError
 from pipeline.provenance import LAYER_WIDTHS, Preprocessing, Provenance, file_sha256
+from pipeline.quantize import RUNTIME, Int8Session, find_int8_model, runtime_version
 
 IMAGENET_WEIGHTS = AlexNet_Weights.IMAGENET1K_V1
 # How many modules of `alexnet().classifier` each layer runs (fc7 ends after its ReLU).
@@ -126,9 +127,15 @@ def _verified_sha256(path: Path) -> str:
 
 
 def make_provenance(
-    weights: Weights, layer: str, dtype: str, preprocessing: Preprocessing | None = None
+    weights: Weights,
+    layer: str,
+    dtype: str,
+    preprocessing: Preprocessing | None = None,
+    precision: str = "fp32",
 ) -> Provenance:
-    """The provenance of embeddings made with these weights, layer, dtype and preprocessing."""
+    """The provenance of embeddings made with these weights, layer, dtype, preprocessing and
+    precision (as `resolve_precision` returns it). An int8 provenance names no model yet:
+    `pipeline.extract.calibrate.prepare_int8` builds it and records its sha256."""
     return Provenance(
         weights=weights.spec,
         weights_sha256=weights.sha256,
@@ -138,7 +145,44 @@ def make_provenance(
         dtype=dtype,
         torch_version=torch.__version__,
         torchvision_version=torchvision.__version__,
+        precision=precision,
+        runtime=RUNTIME if precision == "int8" else "torch",
+        runtime_version=runtime_version() if precision == "int8" else torch.__version__,
     )
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`--precision` for `--device`: `auto` is fp16 on CUDA and fp32 on the CPU.
+
+    Returns:
+        "fp32", "fp16" or "int8".
+
+    Raises:
+        ConfigError: fp16 on the CPU (torch has no fast fp16 there), or int8 on CUDA (the int8
+            model runs in ONNX Runtime on the CPU).
+
+    Example:
+        >>> resolve_precision("auto", "cpu")
+        'fp32'
+    """
+    if precision not in ("auto", "fp32", "fp16", "int8"):
+        raise ConfigError(f"--precision {precision}: must be auto, fp32, fp16 or int8")
+    if precision == "int8":
+        if DEVICE_ALIASES.get(device, device).startswith("cuda"):
+            raise ConfigError(
+                f"--precision int8 --device {device}: the int8 model runs in ONNX Runtime on "
+                f"the CPU; pass --device cpu, or --precision auto to use the GPU"
+            )
+        return "int8"
+    on_gpu = resolve_device(device).type == "cuda"
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError(
+            f"--precision fp16 --device {device}: fp16 runs on CUDA only; pass --precision "
+            f"fp32 (or int8 for speed on the CPU)"
+        )
+    if precision == "auto":
+        return "fp16" if on_gpu else "fp32"
+    return precision
 
 
 def resolve_device(device: str) -> torch.device:
@@ -158,6 +202,10 @@ def resolve_device(device: str) -> torch.device:
 class Embedder:
     """AlexNet up to `layer`, loaded once; call it on a uint8 batch to get embeddings.
 
+    `precision` fp32 runs torch in fp32; fp16 and auto autocast to fp16 on CUDA (fp32 on the
+    CPU); int8 runs `int8_model` (serialised ONNX, see `pipeline.quantize`) in ONNX Runtime on
+    the CPU. `Embedder.matching` finds that model for an int8 artifact.
+
     Example:
         >>> embedder = Embedder(load_weights("random:0"), layer="fc7")
         >>> embedder(torch.zeros(2, 3, 224, 224, dtype=torch.uint8)).shape
@@ -172,28 +220,33 @@ class Embedder:
         dtype: str = "float32",
         preprocessing: Preprocessing | None = None,
         decode_memory: int = DEFAULT_DECODE_MEMORY,
+        precision: str = "auto",
+        int8_model: bytes | None = None,
     ):
         if layer not in _CLASSIFIER_DEPTH:
             raise ConfigError(f"--layer {layer}: must be one of {', '.join(_CLASSIFIER_DEPTH)}")
+        if (precision == "int8") != (int8_model is not None):
+            raise ConfigError("precision int8 needs an int8 model, and only it (Embedder.matching)")
         self.weights = weights
         self.layer = layer
         self.dtype = dtype
+        self.precision = precision
         self.preprocessing = preprocessing or Preprocessing()
         # Shared by every thread that decodes for this model (decode pool, server requests).
         self.decode_budget = DecodeBudget(decode_memory)
-        self.device = resolve_device(device)
-        network = alexnet(weights=None)
-        network.load_state_dict(weights.state_dict)
-        self.network = (
-            nn.Sequential(
-                network.features,
-                network.avgpool,
-                nn.Flatten(1),
-                *network.classifier[: _CLASSIFIER_DEPTH[layer]],
+        self.session: Int8Session | None = None
+        self.int8_provenance: Provenance | None = None
+        self.network: nn.Module | None = None
+        if int8_model is not None:
+            # ONNX Runtime on the CPU whatever `device` says: a server whose index is on the GPU
+            # still embeds its queries here. Extraction refuses int8 on CUDA up front.
+            self.device = torch.device("cpu")
+            self.session = Int8Session(int8_model)
+        else:
+            self.device = resolve_device(device)
+            self.network = build_network(weights, layer).to(
+                self.device, memory_format=torch.channels_last
             )
-            .eval()
-            .to(self.device, memory_format=torch.channels_last)
-        )
         # (x / 255 - mean) / std as one multiply-add on the raw 0..255 values.
         shape = (1, 3, 1, 1)
         mean = torch.tensor(self.preprocessing.mean).view(shape)
@@ -203,18 +256,30 @@ class Embedder:
 
     @property
     def provenance(self) -> Provenance:
-        return make_provenance(self.weights, self.layer, self.dtype, self.preprocessing)
+        """What this embedder makes; for an int8 model, the provenance `matching` found it by
+        (which names the model), else one without the model's sha256."""
+        if self.int8_provenance is not None:
+            return self.int8_provenance
+        precision = "fp32" if self.precision == "auto" else self.precision
+        return make_provenance(self.weights, self.layer, self.dtype, self.preprocessing, precision)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (batch, 3, crop, crop) to the model's float input, on the CPU, NCHW."""
+        return images.float().mul_(self.scale.cpu()).add_(self.shift.cpu()).contiguous()
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         """Embed a (batch, 3, crop, crop) uint8 tensor; returns a (batch, dim) float32 array."""
+        if self.session is not None:
+            return self.session(self.normalise(images).numpy())
         on_gpu = self.device.type == "cuda"
         # uint8 travels and is reordered (4x less memory traffic than float), then one float
         # copy normalised in place: this is 5% of the CPU time per image, not 15%.
         images = images.to(self.device, non_blocking=on_gpu)
         images = images.contiguous(memory_format=torch.channels_last).float()
         images = images.mul_(self.scale).add_(self.shift)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=on_gpu):
+        autocast = on_gpu and self.precision != "fp32"
+        with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             features = self.network(images)
         return features.float().cpu().numpy()
 
@@ -260,6 +325,9 @@ class Embedder:
         Raises:
             WeightsError: the recorded weights cannot be loaded here.
             ProvenanceMismatch: the weights found here differ from the recorded ones.
+            ArtifactError: an int8 provenance whose model is in neither the cache nor
+                `model_dirs`, or names no model (an extraction stopped before it was built).
+            ConfigError: an int8 provenance and `device` cuda.
         """
         weights = weights or load_weights(provenance.weights)
         if weights.sha256 != provenance.weights_sha256:
@@ -267,11 +335,36 @@ class Embedder:
                 f"weights {provenance.weights}: sha256 here is {weights.sha256[:12]}..., the "
                 f"artifact was made with {provenance.weights_sha256[:12]}..."
             )
-        return cls(
+        int8_model = None
+        if provenance.precision == "int8":
+            if not provenance.int8_model_sha256:
+                raise ArtifactError(
+                    "the provenance asks for int8 but names no int8 model: the extraction that "
+                    "made it stopped before the model was built; run it again"
+                )
+            int8_model = find_int8_model(provenance.int8_model_sha256, tuple(model_dirs))
+        embedder = cls(
             weights,
             provenance.layer,
             device,
             provenance.dtype,
             provenance.preprocessing,
             decode_memory=decode_memory,
+            precision=provenance.precision,
+            int8_model=int8_model,
         )
+        if int8_model is not None:
+            embedder.int8_provenance = provenance
+        return embedder
+
+
+def build_network(weights: Weights, layer: str) -> nn.Sequential:
+    """torchvision's AlexNet with `weights`, cut after `layer`, in eval mode, on the CPU."""
+    network = alexnet(weights=None)
+    network.load_state_dict(weights.state_dict)
+    return nn.Sequential(
+        network.features,
+        network.avgpool,
+        nn.Flatten(1),
+        *network.classifier[: _CLASSIFIER_DEPTH[layer]],
+    ).eval()

@@ -90,6 +90,10 @@ class Preprocessing(BaseModel):
         )
 
 
+def _arithmetic(precision: str) -> str:
+    return "int8" if precision == "int8" else "float"
+
+
 class Provenance(BaseModel):
     """Provenance recorded in every artifact; see `require_compatible`."""
 
@@ -107,10 +111,20 @@ class Provenance(BaseModel):
     torch_version: str = ""
     torchvision_version: str = ""
     created_at: str = ""
+    # The model's arithmetic: fp32, fp16 (autocast on CUDA) or int8 (the quantised model named
+    # by its sha256, run by `runtime`). Artifacts older than these fields were fp32 or fp16.
+    precision: str = "fp32"
+    runtime: str = "torch"
+    runtime_version: str = ""
+    int8_model_sha256: str = ""
+    # The int8 model measured against fp32 when it was built (see pipeline.quantize).
+    int8_check: dict[str, Any] | None = None
 
-    # Fields that define the feature space. Versions, dtype and time do not.
+    # Fields that define the feature space. Versions, dtype and time do not; precision does only
+    # as far as int8 versus float (fp16 rounds fp32's features, int8 is another model).
     FEATURE_SPACE: ClassVar[tuple[str, ...]] = (
-        "model", "weights_sha256", "layer", "dim", "preprocessing"
+        "model", "weights_sha256", "layer", "dim", "preprocessing", "precision",
+        "int8_model_sha256",
     )
 
     def stamped(self) -> Provenance:
@@ -123,8 +137,12 @@ class Provenance(BaseModel):
         diffs = []
         for name in self.FEATURE_SPACE:
             mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "precision" and _arithmetic(mine) == _arithmetic(theirs):
+                continue
             if mine != theirs:
-                if name == "weights_sha256":
+                if name == "int8_model_sha256":
+                    mine, theirs = mine[:12] or "none", theirs[:12] or "none"
+                elif name == "weights_sha256":
                     mine = f"{self.weights} ({mine[:12]})"
                     theirs = f"{other.weights} ({theirs[:12]})"
                 elif name == "preprocessing":

@@ -218,8 +218,10 @@ class SimilarityIndex:
         """The model that made the indexed vectors, loaded on first use (once)."""
         with self._embedder_lock:
             if self._embedder is None:
+                # An index of int8 embeddings carries their model (see index.format).
+                folders = (str(self._loaded.folder),) if self._loaded.folder else ()
                 self._embedder = Embedder.matching(
-                    self.provenance, self._device, self._decode_memory
+                    self.provenance, self._device, self._decode_memory, model_dirs=folders
                 )
         return self._embedder
 

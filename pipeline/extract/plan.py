@@ -8,6 +8,7 @@ previous run; nothing is recomputed or duplicated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -26,6 +27,7 @@ from pipeline.errors import (
 from pipeline.extract.config import ExtractConfig
 from pipeline.fs import resolve
 from pipeline.provenance import PARQUET_METADATA_KEY, Provenance
+from pipeline.quantize import INT8_MODEL_NAME
 from pipeline.sources import (
     IMAGE_EXTENSIONS,
     InputImage,
@@ -99,6 +101,12 @@ def prepare_output(config: ExtractConfig, provenance: Provenance) -> Plan | None
     if plan is None:
         raise ArtifactError(f"{plan_json}: unreadable run plan ({problem}); pass --overwrite "
                             "to start again")
+    if provenance.precision == plan.provenance.precision == "int8":
+        # The int8 model is built after planning (see calibrate.prepare_int8); a resumed run
+        # takes the one the first run built rather than calibrating again.
+        provenance = provenance.model_copy(
+            update={"int8_model_sha256": plan.provenance.int8_model_sha256}
+        )
     plan.provenance.require_compatible(
         provenance, f"the embeddings in --out {config.out}", "this run", same_dtype=True,
         fix="pass --overwrite to replace them, or choose another --out",
@@ -199,12 +207,28 @@ def write_plan(
         shard_size=config.shard_size,
         provenance=provenance.stamped(),
     )
+    _write_plan_json(plan)
+    return plan
+
+
+def record_provenance(plan: Plan, provenance: Provenance) -> Plan:
+    """Rewrite `plan.json` with `provenance` (an int8 model's, once built); returns the new plan.
+
+    Only what the plan's embeddings are not yet made with may change: the caller checks that.
+    """
+    plan = dataclasses.replace(plan, provenance=provenance)
+    _write_plan_json(plan)
+    return plan
+
+
+def _write_plan_json(plan: Plan) -> None:
+    fs, out = resolve(plan.out)
     record = {
         "source": plan.source,
         "limit": plan.limit,
         "inputs": plan.inputs,
         "shards": plan.shards,
-        "shard_size": config.shard_size,
+        "shard_size": plan.shard_size,
         "provenance": json.loads(plan.provenance.to_json()),
     }
     # Moved into place once whole: a half-written plan.json would need --overwrite.
@@ -212,7 +236,6 @@ def write_plan(
     with fs.open_output_stream(temporary) as stream:
         stream.write(json.dumps(record, indent=2).encode())
     fs.move(temporary, f"{out}/{PLAN_FOLDER}/plan.json")
-    return plan
 
 
 def pending_shards(plan: Plan) -> list[int]:
@@ -233,9 +256,9 @@ def remove_output(fs: pafs.FileSystem, out: str, plan: Plan | None) -> None:
     """Delete what fc7 wrote in `out`, and nothing else.
 
     That is the part files the plan names, temporary part files, and the plan's own files (its
-    folder too once empty). With an unreadable plan, part files are fc7's when their name is
-    `part-NNNNN.parquet` and their schema carries fc7 provenance. Sub-folders are never entered,
-    other files never touched.
+    int8 model among them; its folder too once empty). With an unreadable plan, part files are
+    fc7's when their name is `part-NNNNN.parquet` and their schema carries fc7 provenance.
+    Sub-folders are never entered, other files never touched.
     """
     for info in _list(fs, out):
         if info.type != pafs.FileType.File:
@@ -249,7 +272,9 @@ def remove_output(fs: pafs.FileSystem, out: str, plan: Plan | None) -> None:
     plan_folder = f"{out}/{PLAN_FOLDER}"
     for info in _list(fs, plan_folder):
         if info.type == pafs.FileType.File and (
-            info.base_name in PLAN_FILES or info.base_name.startswith(".plan.json.")
+            info.base_name in PLAN_FILES
+            or info.base_name.startswith(".plan.json.")
+            or INT8_MODEL_NAME.fullmatch(info.base_name)
         ):
             fs.delete_file(info.path)
     if fs.get_file_info(plan_folder).type == pafs.FileType.Directory and not _list(

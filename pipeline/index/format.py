@@ -9,7 +9,9 @@ An index folder holds three files that must agree, and `load_index` checks that 
 
 `load_index` also checks what a matching sha256 cannot vouch for: the FAISS index's own
 structure, metric, dimension and count, and `ids.parquet`'s page checksums and schema version.
-`--overwrite` and `--add` replace a folder holding these three files and nothing else.
+`--overwrite` and `--add` replace a folder holding these three files and nothing else, but for
+the int8 model (`int8-<sha256>.onnx`) that an index of int8 embeddings carries, so that a query
+by image embeds with the same model wherever the folder is moved.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pipeline.provenance import (
     check_schema_version,
     file_sha256,
 )
+from pipeline.quantize import INT8_MODEL_NAME, int8_model_name
 from pipeline.store import describe_entries, foreign_entries, read_parquet
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ def check_index_out(out: Path, replace: bool) -> None:
         foreign = foreign_entries(
             fs,
             str(out),
-            lambda info: info.type == pafs.FileType.File and info.base_name in INDEX_FOLDER_FILES,
+            lambda info: info.type == pafs.FileType.File and _is_index_file(info.base_name),
         )
     except OSError as err:
         raise OutputError(f"--out {out}: cannot list: {err}") from err
@@ -99,6 +102,10 @@ def check_index_out(out: Path, replace: bool) -> None:
         )
 
 
+def _is_index_file(name: str) -> bool:
+    return name in INDEX_FOLDER_FILES or bool(INT8_MODEL_NAME.fullmatch(name))
+
+
 def _is_index_manifest(path: Path) -> bool:
     try:
         manifest = json.loads(path.read_text())
@@ -116,6 +123,7 @@ def write_index_dir(
     manifest: dict[str, Any],
     provenance: Provenance,
     replace: bool = False,
+    int8_model: bytes | None = None,
 ) -> None:
     """Write the three files into a hidden sibling folder, then move it into place.
 
@@ -123,11 +131,20 @@ def write_index_dir(
     Of the old folder, only the files fc7 wrote are deleted (see `check_index_out`).
     `manifest` gains the `files` entry (names and sha256) and `index_bytes`.
 
+    Args:
+        int8_model: the model that made int8 embeddings (`provenance.int8_model_sha256`),
+            written beside the index; required for them.
+
     Raises:
         OutputError: the parent folder cannot be written, or `check_index_out` refuses `out`.
+        ArtifactError: int8 embeddings without their model.
     """
     out = Path(out)
     check_index_out(out, replace)
+    if provenance.precision == "int8" and int8_model is None:
+        raise ArtifactError(
+            f"--out {out}: the index of int8 embeddings needs their int8 model beside it"
+        )
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +172,10 @@ def write_index_dir(
             "ids": IDS_FILE,
             "ids_sha256": file_sha256(staging / IDS_FILE),
         }
+        if provenance.precision == "int8":
+            name = int8_model_name(provenance.int8_model_sha256)
+            (staging / name).write_bytes(int8_model)
+            manifest["files"]["int8_model"] = name
         manifest["index_bytes"] = (staging / INDEX_FILE).stat().st_size
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
@@ -177,7 +198,9 @@ def write_index_dir(
 
 def _remove_old_index(old: Path) -> None:
     # Only our files, never rmtree: anything else that appeared since the check stays.
-    for name in INDEX_FOLDER_FILES:
+    for name in [*INDEX_FOLDER_FILES, *(p.name for p in old.glob("int8-*.onnx"))]:
+        if not _is_index_file(name):
+            continue
         try:
             (old / name).unlink(missing_ok=True)
         except OSError:
