@@ -276,6 +276,8 @@ class Embedder:
         on_gpu = self.device.type == "cuda"
         # uint8 travels and is reordered (4x less memory traffic than float), then one float
         # copy normalised in place: this is 5% of the CPU time per image, not 15%.
+        if on_gpu and not images.is_cuda:
+            images = images.pin_memory()  # so that the copy below does not block the host
         images = images.to(self.device, non_blocking=on_gpu)
         images = images.contiguous(memory_format=torch.channels_last).float()
         images = images.mul_(self.scale).add_(self.shift)

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -22,6 +23,7 @@ from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import PLAN_FOLDER, Plan
 from pipeline.fs import is_uri, resolve, uri_builder
+from pipeline.gpu import GpuJpegDecoder
 from pipeline.model import Embedder, Weights
 from pipeline.sources import (
     InputReadError,
@@ -61,14 +63,22 @@ class DecodedRow(NamedTuple):
     height: int | None = None
 
 
-def _load_and_decode(
-    item: dict, embedder: Embedder, config: ExtractConfig, decode_slots: threading.Semaphore
-) -> DecodedRow:
+def _read(item: dict, config: ExtractConfig) -> tuple[bytes | None, DecodedRow]:
+    """The file's bytes and its row so far (sha256, or the read error)."""
     try:
         data = read_image_bytes(item["path"], config.max_bytes)
     except InputReadError as err:
-        return DecodedRow(None, str(err))
-    sha256 = hashlib.sha256(data).hexdigest()
+        return None, DecodedRow(None, str(err))
+    return data, DecodedRow(None, None, hashlib.sha256(data).hexdigest())
+
+
+def _load_and_decode(
+    item: dict, embedder: Embedder, config: ExtractConfig, decode_slots: threading.Semaphore
+) -> DecodedRow:
+    data, row = _read(item, config)
+    if data is None:
+        return row
+    sha256 = row.sha256
     try:
         with decode_slots:
             tensor, width, height = decode_image(
@@ -117,6 +127,17 @@ class ShardEmbedder:
         # Decoding overlaps the model; one decode per spare core, at least one. Reads wait on
         # the disk or the network, not the CPU, so more of them run at once (on an object
         # store, many): a slow read does not leave the model without images.
+        # On CUDA, JPEGs are decoded on the GPU in model-sized batches (pipeline.gpu).
+        self.gpu_decoder = (
+            GpuJpegDecoder(
+                self.embedder.preprocessing,
+                self.embedder.device,
+                config.max_pixels,
+                self.embedder.decode_budget,
+            )
+            if self.embedder.device.type == "cuda"
+            else None
+        )
         cores = threads or len(os.sched_getaffinity(0))
         self.decode_slots = threading.BoundedSemaphore(max(1, cores - 1))
         readers = 16 if is_uri(plan.source) else max(1, cores - 1) + 1
@@ -132,12 +153,15 @@ class ShardEmbedder:
         with fs.open_input_file(self.plan.inputs_file) as file:
             plan = pq.ParquetFile(file, page_checksum_verification=True)
             rows = plan.read_row_group(shard).to_pylist()
-        # map() submits every row at once, so reading and decoding run ahead while the model
-        # works; at most one file's bytes per thread are held.
-        decoded = self.loader.map(
-            lambda row: _load_and_decode(row, self.embedder, self.config, self.decode_slots),
-            rows,
-        )
+        if self.gpu_decoder is not None:
+            decoded = self._decoded_on_gpu(rows)
+        else:
+            # map() submits every row at once, so reading and decoding run ahead while the
+            # model works; at most one file's bytes per thread are held.
+            decoded = self.loader.map(
+                lambda row: _load_and_decode(row, self.embedder, self.config, self.decode_slots),
+                rows,
+            )
         embeddings = np.zeros((len(rows), self.plan.provenance.dim), dtype=np.float32)
         results: list[DecodedRow] = []
         batch: list[int] = []  # positions of decoded rows waiting for the model
@@ -180,3 +204,22 @@ class ShardEmbedder:
             started=started,
             finished=time.time(),
         )
+
+    def _decoded_on_gpu(self, rows: list[dict]) -> Iterator[DecodedRow]:
+        """The rows decoded by the GPU, a model batch of files at a time, while the read
+        threads fetch the next files."""
+        reads = self.loader.map(lambda row: _read(row, self.config), rows)
+        pending: list[tuple[bytes | None, DecodedRow]] = []
+        for position, read in enumerate(reads):
+            pending.append(read)
+            if len(pending) == self.config.batch_size or position == len(rows) - 1:
+                files = [data for data, _ in pending if data is not None]
+                images = iter(self.gpu_decoder.decode(files))
+                for data, row in pending:
+                    if data is None:
+                        yield row
+                    else:
+                        image = next(images)
+                        yield row._replace(tensor=image.tensor, error=image.error,
+                                           width=image.width, height=image.height)
+                pending = []
