@@ -234,7 +234,8 @@ def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
         warnings.simplefilter("ignore")
         image.seek(0)  # first frame of an animation
         image.load()
-        image = ImageOps.exif_transpose(image, in_place=False) if _oriented(image) else image
+        if _oriented(image):
+            image = ImageOps.exif_transpose(image, in_place=False)
         if image.mode in _GRAY_MODES:
             array = _to_gray(image)
             del image
@@ -249,6 +250,7 @@ def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
 
 
 def _oriented(image: Image.Image) -> bool:
+    """Whether the header asks for the pixels to be rotated or flipped (EXIF tag 0x0112)."""
     return image.getexif().get(0x0112, 1) != 1
 
 

@@ -22,8 +22,11 @@ from conftest import REPO, jpeg_bytes, write_embeddings
 
 from jobs import run
 from jobs.extract import main as extract_main
+from jobs.predict import main as predict_main
+from jobs.train_classifier import main as train_main
+from pipeline.classify import Classifier, check_classifier_out, predict_dataset
 from pipeline.decode import decode_image
-from pipeline.errors import ConfigError, ProvenanceMismatch
+from pipeline.errors import ArtifactError, ConfigError, OutputError, ProvenanceMismatch
 from pipeline.extract.calibrate import _samples
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.plan import _read_plan
@@ -265,3 +268,148 @@ def test_resolve_precision():
         resolve_precision("fp16", "cpu")
     with pytest.raises(ConfigError, match="ONNX Runtime on the CPU"):
         resolve_precision("int8", "gpu")
+
+
+# Classifier folders carry the int8 model as index folders do.
+
+
+@pytest.fixture(scope="module")
+def examples_int8(cache, tmp_path_factory) -> Path:
+    """The 12 bundled photos (3 classes), extracted in int8 as a user extracts them."""
+    out = tmp_path_factory.mktemp("examples-int8") / "emb"
+    argv = [str(EXAMPLES), "--out", str(out), "--weights", "random:0", "--precision", "int8",
+            "--runner", "local"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert extract_main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_classifier(examples_int8, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clf-int8") / "clf"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert train_main([str(examples_int8), "--out", str(out), "--test-size", "0.5"]) == 0
+    return out
+
+
+def _stored_vectors(folder: Path) -> dict[str, np.ndarray]:
+    vectors = {}
+    for batch in EmbeddingDataset.open(str(folder)).batches(["id", "embedding"]):
+        for item, vector in zip(batch.column("id").to_pylist(),
+                                batch.column("embedding").to_pylist(), strict=True):
+            vectors[item] = np.asarray(vector, np.float32)
+    return vectors
+
+
+def test_int8_classifier_folder_carries_its_model(examples_int8, int8_classifier):
+    sha = EmbeddingDataset.open(str(examples_int8)).provenance.int8_model_sha256
+    manifest = json.loads((int8_classifier / "manifest.json").read_text())
+    assert manifest["provenance"]["precision"] == "int8"
+    assert manifest["int8_model"] == int8_model_name(sha)
+    model = int8_classifier / int8_model_name(sha)
+    assert model.read_bytes() == (examples_int8 / "_plan" / int8_model_name(sha)).read_bytes()
+    assert Classifier.load(int8_classifier).folder == int8_classifier
+
+
+def test_predict_image_on_a_moved_int8_classifier_with_an_empty_cache(
+    examples_int8, int8_classifier, tmp_path, monkeypatch, capsys
+):
+    """As on another machine: the classifier folder moved, the cache empty; `fc7 predict
+    --image` embeds with the int8 model the folder carries, and labels as the classifier
+    labels the extraction's stored int8 vector of that photo."""
+    moved = tmp_path / "moved-clf"
+    shutil.copytree(int8_classifier, moved)
+    empty_cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("FC7_CACHE", str(empty_cache))
+    image = "dalmatian/image_0001.jpg"
+    assert predict_main([str(moved), "--image", str(EXAMPLES / image), "--device", "cpu"]) == 0
+    path, label, score, _ = capsys.readouterr().out.rstrip("\n").split("\t")
+    assert path == str(EXAMPLES / image)
+    classifier = Classifier.load(moved)
+    sha = classifier.provenance.int8_model_sha256
+    assert (empty_cache / "int8" / int8_model_name(sha)).is_file()  # found in the folder
+    expected = classifier.predict_proba_top(_stored_vectors(examples_int8)[image][None], k=1)[0]
+    assert label == expected[0][0]
+    assert float(score) == pytest.approx(expected[0][1], abs=2e-3)
+    # The same, computed independently: the int8 embedder from the folder, and not fp32.
+    int8 = Embedder.matching(classifier.provenance, model_dirs=(str(moved),))
+    photo = (EXAMPLES / image).read_bytes()
+    vector = int8.embed_bytes([photo])[0]
+    assert classifier.predict_proba_top(vector, k=1)[0][0][0] == label
+    fp32 = Embedder(load_weights("random:0"), "fc7", "cpu", precision="fp32")
+    assert not np.allclose(vector, fp32.embed_bytes([photo])[0], rtol=0, atol=1e-6)
+
+
+def test_int8_classifier_without_its_model_says_where_it_looked(int8_classifier, tmp_path,
+                                                               monkeypatch):
+    moved = tmp_path / "moved-clf"
+    shutil.copytree(int8_classifier, moved)
+    for model in moved.glob("int8-*.onnx"):
+        model.unlink()
+    monkeypatch.setenv("FC7_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ArtifactError, match=f"is not here .*{moved}"):
+        Classifier.load(moved).predict_images([jpeg_bytes(seed=1)], device="cpu")
+
+
+def test_classifier_overwrite_treats_the_int8_model_as_its_own(examples_int8, int8_classifier,
+                                                               tmp_path):
+    out = tmp_path / "clf"
+    shutil.copytree(int8_classifier, out)
+    (out / "notes.md").write_text("mine")
+    (out / ".int8-{}.onnx.tmp".format("0" * 64)).write_bytes(b"half")  # a killed run's
+    check_classifier_out(out, overwrite=True)
+    # An fp32 classifier over the int8 one leaves no int8 model behind, and the notes alone.
+    int8 = EmbeddingDataset.open(str(examples_int8))
+    fp32_provenance = int8.provenance.model_copy(
+        update={"precision": "fp32", "runtime": "torch", "int8_model_sha256": "",
+                "int8_check": None}
+    )
+    vectors = _stored_vectors(examples_int8)
+    fp32_folder = write_embeddings(
+        tmp_path / "fp32", np.stack(list(vectors.values())),
+        labels=[item.split("/")[0] for item in vectors], provenance=fp32_provenance,
+    )
+    argv = [str(fp32_folder), "--out", str(out), "--test-size", "0.5"]
+    with pytest.raises(OutputError, match="pass --overwrite"):
+        train_main(argv)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert train_main([*argv, "--overwrite"]) == 0
+    assert not list(out.glob("*int8-*"))
+    assert (out / "notes.md").read_text() == "mine"
+    assert json.loads((out / "manifest.json").read_text())["int8_model"] is None
+    # A folder under the int8 model's name is not fc7's to replace.
+    shutil.rmtree(out)
+    shutil.copytree(int8_classifier, out)
+    (out / int8_model_name("f" * 64)).mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        check_classifier_out(out, overwrite=True)
+    # A folder holding only an int8 model is not a classifier folder.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / int8_model_name("f" * 64)).write_bytes(b"x")
+    with pytest.raises(OutputError, match="not an fc7 classifier folder"):
+        check_classifier_out(lone, overwrite=True)
+
+
+def test_predict_refuses_to_mix_int8_and_fp32(examples_int8, int8_classifier, tmp_path):
+    int8 = EmbeddingDataset.open(str(examples_int8))
+    fp32_provenance = int8.provenance.model_copy(
+        update={"precision": "fp32", "runtime": "torch", "int8_model_sha256": "",
+                "int8_check": None}
+    )
+    vectors = _stored_vectors(examples_int8)
+    fp32_folder = write_embeddings(
+        tmp_path / "fp32", np.stack(list(vectors.values())),
+        labels=[item.split("/")[0] for item in vectors], provenance=fp32_provenance,
+    )
+    fp32 = EmbeddingDataset.open(str(fp32_folder))
+    with pytest.raises(ProvenanceMismatch, match="precision: int8 vs fp32"):
+        predict_dataset(Classifier.load(int8_classifier), fp32, str(tmp_path / "p1"),
+                        str(int8_classifier))
+    fp32_classifier = tmp_path / "fp32-clf"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert train_main([str(fp32_folder), "--out", str(fp32_classifier),
+                           "--test-size", "0.5"]) == 0
+    with pytest.raises(ProvenanceMismatch, match="precision: fp32 vs int8"):
+        predict_dataset(Classifier.load(fp32_classifier), int8, str(tmp_path / "p2"),
+                        str(fp32_classifier))

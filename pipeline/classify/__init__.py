@@ -34,6 +34,7 @@ from pipeline.classify.artifact import (
     TRUSTED_TYPES,
     Classifier,
     check_classifier_out,
+    is_classifier_file,
 )
 from pipeline.classify.config import CLASSIFIERS, PredictConfig, TrainConfig
 from pipeline.classify.data import check_fits_in_memory, read_labelled, training_rows
@@ -68,6 +69,7 @@ __all__ = [
     "check_fits_in_memory",
     "class_scores",
     "evaluate",
+    "is_classifier_file",
     "left_out_note",
     "predict_dataset",
     "predict_image_files",

@@ -6,12 +6,16 @@ A classifier folder holds:
   trusted types (never plain pickle), after its sha256 is checked against the manifest;
 - `manifest.json`: classes, the embeddings' provenance, the training data fingerprint, library
   versions, the schema version;
-- `metrics.json`, `report.md`, `confusion_matrix.png`: the evaluation (`report.py`).
+- `metrics.json`, `report.md`, `confusion_matrix.png`: the evaluation (`report.py`);
+- `int8-<sha256>.onnx`, for a classifier of int8 embeddings only: the int8 model that made
+  them (named in the manifest's `int8_model`), so that `predict_images` embeds with the same
+  model wherever the folder is moved, with an empty cache.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +33,7 @@ from pipeline.classify.estimators import class_scores, score_kind, top_k
 from pipeline.errors import ArtifactError, ConfigError, OutputError
 from pipeline.fs import resolve
 from pipeline.provenance import Provenance, check_schema_version, file_sha256
+from pipeline.quantize import INT8_MODEL_NAME, int8_model_name
 from pipeline.store import describe_entries, foreign_entries
 
 SCHEMA_VERSION = 1
@@ -37,7 +42,8 @@ MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 CONFUSION_FILE = "confusion_matrix.png"
-# Everything fc7 writes in a classifier folder; --overwrite replaces these and nothing else.
+# Everything fc7 writes in a classifier folder; --overwrite replaces these and nothing else,
+# but for the int8 model of int8 embeddings (`int8-<sha256>.onnx`, see `is_classifier_file`).
 CLASSIFIER_FILES = (MODEL_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, CONFUSION_FILE)
 CLASSIFIER_KIND = "fc7-classifier"
 RETRAIN = "retrain it with fc7 train"
@@ -83,6 +89,9 @@ class Classifier:
     provenance: Provenance
     manifest: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None
+    # The classifier folder (set by `save` and `load`): where `predict_images` also looks for
+    # the int8 model of int8 embeddings.
+    folder: Path | None = None
     _embedder: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -163,12 +172,17 @@ class Classifier:
 
         Raises:
             WeightsError, ProvenanceMismatch: the recorded weights are not available here.
+            ArtifactError: int8 embeddings whose model is neither in the cache nor in the
+                classifier folder.
         """
         from pipeline.model import Embedder
 
         with self._lock:
             if self._embedder is None:
-                self._embedder = Embedder.matching(self.provenance, device=device)
+                model_dirs = (str(self.folder),) if self.folder is not None else ()
+                self._embedder = Embedder.matching(
+                    self.provenance, device=device, model_dirs=model_dirs
+                )
         vectors, errors = self._embedder.embed_bytes(images)
         ok = [i for i, error in enumerate(errors) if error is None]
         tops = self.predict_proba_top(vectors[ok], k) if ok else []
@@ -177,26 +191,47 @@ class Classifier:
             results[i] = top
         return results, errors
 
-    def save(self, model_dir: str | Path, training: dict[str, Any]) -> None:
-        """Write `model.skops` and `manifest.json` into `model_dir`, replacing those files.
+    def save(
+        self, model_dir: str | Path, training: dict[str, Any], int8_model: bytes | None = None
+    ) -> None:
+        """Write `model.skops` and `manifest.json` into `model_dir`, replacing those files,
+        and, for int8 embeddings, their int8 model; an int8 model of an earlier classifier there
+        is deleted.
 
         Args:
             model_dir: the classifier folder.
             training: what it was trained on, recorded as the manifest's `training`.
+            int8_model: the model that made int8 embeddings (`provenance.int8_model_sha256`);
+                required for them, ignored otherwise.
 
         Raises:
             OutputError: `model_dir` is not empty and not a classifier folder, or cannot be
                 written.
+            ArtifactError: int8 embeddings without their model, or a model of another sha256.
         """
         import skops.io as sio
 
         folder = Path(model_dir)
         check_classifier_out(folder, overwrite=True)
+        int8_name = None
+        if self.provenance.precision == "int8":
+            int8_name = int8_model_name(self.provenance.int8_model_sha256)
+            if int8_model is None or (
+                hashlib.sha256(int8_model).hexdigest() != self.provenance.int8_model_sha256
+            ):
+                raise ArtifactError(
+                    f"--out {folder}: a classifier of int8 embeddings needs their int8 model "
+                    f"{int8_name} beside it"
+                )
         try:
             folder.mkdir(parents=True, exist_ok=True)
             temporary = folder / f".{MODEL_FILE}.tmp"
             sio.dump(self.model, temporary)
             os.replace(temporary, folder / MODEL_FILE)
+            if int8_name is not None:
+                temporary = folder / f".{int8_name}.tmp"
+                temporary.write_bytes(int8_model)
+                os.replace(temporary, folder / int8_name)
         except OSError as err:
             raise OutputError(f"--out {folder}: cannot write the classifier: {err}") from err
         self.manifest = {
@@ -209,11 +244,14 @@ class Classifier:
             "training": training,
             "model_file": MODEL_FILE,
             "model_sha256": file_sha256(folder / MODEL_FILE),
+            "int8_model": int8_name,
             "trusted_types": TRUSTED_TYPES,
             "versions": library_versions(),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         write_json(folder / MANIFEST_FILE, self.manifest)
+        self.folder = folder
+        _remove_stale_int8_models(folder, keep=int8_name)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Classifier:
@@ -246,8 +284,23 @@ class Classifier:
             except (OSError, ValueError) as err:
                 raise ArtifactError(f"{folder / METRICS_FILE}: unreadable ({err})") from err
         return cls(
-            model=model, classes=classes, provenance=provenance, manifest=manifest, metrics=metrics
+            model=model, classes=classes, provenance=provenance, manifest=manifest,
+            metrics=metrics, folder=folder,
         )
+
+
+def _remove_stale_int8_models(folder: Path, keep: str | None) -> None:
+    """Delete the int8 models of earlier classifiers in `folder` (all but `keep`), and those
+    a killed run left half-written."""
+    for path in [*folder.glob("int8-*.onnx"), *folder.glob(".int8-*.onnx.tmp")]:
+        if path.name == keep or path.is_dir():
+            continue
+        if not (INT8_MODEL_NAME.fullmatch(path.name) or _is_leftover(path.name)):
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            pass  # a stale copy is harmless: the manifest names the model in use
 
 
 def _read_manifest(folder: Path) -> tuple[dict[str, Any], Path]:
@@ -316,6 +369,19 @@ def write_text(path: Path, text: str) -> None:
         raise OutputError(f"--out {path.parent}: cannot write {path.name}: {err}") from err
 
 
+def is_classifier_file(name: str) -> bool:
+    """Whether fc7 writes a file of this name in a classifier folder (`CLASSIFIER_FILES`, or
+    an int8 model `int8-<sha256>.onnx`)."""
+    return name in CLASSIFIER_FILES or bool(INT8_MODEL_NAME.fullmatch(name))
+
+
+def _is_leftover(name: str) -> bool:
+    """A temporary file of fc7's, left in a classifier folder by a killed run."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    return is_classifier_file(name[1 : -len(".tmp")])
+
+
 def _is_classifier_folder(folder: Path) -> bool:
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
@@ -328,7 +394,8 @@ def check_classifier_out(out: Path, overwrite: bool) -> None:
     """Refuse a classifier --out that fc7 must not write into.
 
     fc7 writes into a new or empty folder, or, with `overwrite`, over a classifier it made,
-    replacing only `CLASSIFIER_FILES` there; anything else in the folder is left alone.
+    replacing only `CLASSIFIER_FILES` and int8 models (`int8-<sha256>.onnx`) there; anything
+    else in the folder is left alone.
 
     Raises:
         OutputError: `out` is not a folder; is not empty and not a classifier folder (with or
@@ -343,9 +410,8 @@ def check_classifier_out(out: Path, overwrite: bool) -> None:
     if not out.is_dir():
         raise OutputError(f"--out {out}: exists and is not a folder; choose another --out")
     try:
-        leftovers = {f".{name}.tmp" for name in CLASSIFIER_FILES}  # from a killed run
         fs, folder = resolve(str(out))
-        entries = foreign_entries(fs, folder, lambda info: info.base_name in leftovers)
+        entries = foreign_entries(fs, folder, lambda info: _is_leftover(info.base_name))
     except OSError as err:
         raise OutputError(f"--out {out}: cannot list: {err}") from err
     if not entries:
@@ -361,7 +427,10 @@ def check_classifier_out(out: Path, overwrite: bool) -> None:
             f"--out {out}: already holds a classifier; pass --overwrite to replace it (only "
             f"fc7's own files there are replaced)"
         )
-    blocked = [name for name in CLASSIFIER_FILES if (out / name).is_dir()]
+    blocked = [name for name in CLASSIFIER_FILES if (out / name).is_dir()] + [
+        name.rstrip("/") for name in entries
+        if name.endswith("/") and INT8_MODEL_NAME.fullmatch(name.rstrip("/"))
+    ]
     if blocked:
         raise OutputError(
             f"--out {out}: {describe_entries(blocked)} is a folder, not a file fc7 wrote; "

@@ -36,7 +36,10 @@ from pipeline.classify.estimators import (
     with_search,
 )
 from pipeline.classify.report import evaluate, write_report
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError, ConfigError
+from pipeline.extract.plan import PLAN_FOLDER
+from pipeline.fs import resolve, uri_builder
+from pipeline.quantize import find_int8_model
 from pipeline.store import EmbeddingDataset
 
 
@@ -54,7 +57,8 @@ def train(config: TrainConfig) -> Classifier:
     """Train, evaluate and save a classifier as `config` says; the job behind `fc7 train`.
 
     Writes `model.skops`, `manifest.json`, `metrics.json`, `report.md` and
-    `confusion_matrix.png` into `config.out`.
+    `confusion_matrix.png` into `config.out`, and for int8 embeddings their int8 model
+    (`int8-<sha256>.onnx`, from the cache or the extraction output's `_plan/`).
 
     Returns:
         The fitted `Classifier`, its `metrics` set.
@@ -62,8 +66,9 @@ def train(config: TrainConfig) -> Classifier:
     Raises:
         ConfigError: no labels, fewer than 2 usable classes, incompatible options, a label
             column that does not exist, or data too large for the chosen classifier.
-        ArtifactError: unreadable, damaged or empty embeddings, or a vector no AlexNet layer
-            produces (NaN, infinite, negative); the message names the file and row.
+        ArtifactError: unreadable, damaged or empty embeddings, a vector no AlexNet layer
+            produces (NaN, infinite, negative; the message names the file and row), or int8
+            embeddings whose model is neither in the cache nor beside them.
         ProvenanceMismatch: `--test` embeddings made with different features.
         OutputError: `config.out` already holds a classifier (pass --overwrite), or is not
             empty and not a classifier folder (see `check_classifier_out`).
@@ -80,6 +85,7 @@ def train(config: TrainConfig) -> Classifier:
             test_data.provenance, mine=f"embeddings {data.uri}", theirs=f"--test {test_data.uri}"
         )
         require_label_column(test_data, config.label_column)
+    int8_model = _int8_model(data)  # before fitting: a missing model fails at once
     protocol = evaluation_protocol(config, test_data)
     fit = _train_streaming if config.classifier == "sgd" else _train_in_memory
     model, classes, evaluation, counts = fit(config, data, test_data, protocol)
@@ -104,9 +110,25 @@ def train(config: TrainConfig) -> Classifier:
         "rows": counts["train"],
         "config": config.model_dump(),
     }
-    classifier.save(out, training)
+    classifier.save(out, training, int8_model=int8_model)
     write_report(out, metrics, classes)
     return classifier
+
+
+def _int8_model(data: EmbeddingDataset) -> bytes | None:
+    """The int8 model that made `data` (None if not int8), for the classifier folder: from the
+    cache, else from the extraction output's `_plan/` folder."""
+    provenance = data.provenance
+    if provenance.precision != "int8":
+        return None
+    if not provenance.int8_model_sha256:
+        raise ArtifactError(
+            f"{data.uri}: the provenance asks for int8 but names no int8 model: the extraction "
+            f"that made it stopped before the model was built; run it again"
+        )
+    _, path = resolve(data.uri)
+    plan_folder = uri_builder(data.uri)(f"{path.rstrip('/')}/{PLAN_FOLDER}")
+    return find_int8_model(provenance.int8_model_sha256, (plan_folder,))
 
 
 def evaluation_protocol(
