@@ -359,16 +359,7 @@ def test_classifier_overwrite_treats_the_int8_model_as_its_own(examples_int8, in
     (out / ".int8-{}.onnx.tmp".format("0" * 64)).write_bytes(b"half")  # a killed run's
     check_classifier_out(out, overwrite=True)
     # An fp32 classifier over the int8 one leaves no int8 model behind, and the notes alone.
-    int8 = EmbeddingDataset.open(str(examples_int8))
-    fp32_provenance = int8.provenance.model_copy(
-        update={"precision": "fp32", "runtime": "torch", "int8_model_sha256": "",
-                "int8_check": None}
-    )
-    vectors = _stored_vectors(examples_int8)
-    fp32_folder = write_embeddings(
-        tmp_path / "fp32", np.stack(list(vectors.values())),
-        labels=[item.split("/")[0] for item in vectors], provenance=fp32_provenance,
-    )
+    fp32_folder = _as_fp32(examples_int8, tmp_path / "fp32")
     argv = [str(fp32_folder), "--out", str(out), "--test-size", "0.5"]
     with pytest.raises(OutputError, match="pass --overwrite"):
         train_main(argv)
@@ -391,17 +382,23 @@ def test_classifier_overwrite_treats_the_int8_model_as_its_own(examples_int8, in
         check_classifier_out(lone, overwrite=True)
 
 
-def test_predict_refuses_to_mix_int8_and_fp32(examples_int8, int8_classifier, tmp_path):
-    int8 = EmbeddingDataset.open(str(examples_int8))
+def _as_fp32(int8_out, folder):
+    """The int8 vectors written as if they were fp32 ones: the same numbers, other features."""
+    int8 = EmbeddingDataset.open(str(int8_out))
     fp32_provenance = int8.provenance.model_copy(
         update={"precision": "fp32", "runtime": "torch", "int8_model_sha256": "",
                 "int8_check": None}
     )
-    vectors = _stored_vectors(examples_int8)
-    fp32_folder = write_embeddings(
-        tmp_path / "fp32", np.stack(list(vectors.values())),
+    vectors = _stored_vectors(int8_out)
+    return write_embeddings(
+        folder, np.stack(list(vectors.values())),
         labels=[item.split("/")[0] for item in vectors], provenance=fp32_provenance,
     )
+
+
+def test_predict_refuses_to_mix_int8_and_fp32(examples_int8, int8_classifier, tmp_path):
+    int8 = EmbeddingDataset.open(str(examples_int8))
+    fp32_folder = _as_fp32(examples_int8, tmp_path / "fp32")
     fp32 = EmbeddingDataset.open(str(fp32_folder))
     with pytest.raises(ProvenanceMismatch, match="precision: int8 vs fp32"):
         predict_dataset(Classifier.load(int8_classifier), fp32, str(tmp_path / "p1"),
