@@ -234,7 +234,7 @@ def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
         warnings.simplefilter("ignore")
         image.seek(0)  # first frame of an animation
         image.load()
-        if _oriented(image):
+        if has_exif_orientation(image):
             image = ImageOps.exif_transpose(image, in_place=False)
         if image.mode in _GRAY_MODES:
             array = _to_gray(image)
@@ -249,7 +249,7 @@ def _decode_with_pillow(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def _oriented(image: Image.Image) -> bool:
+def has_exif_orientation(image: Image.Image) -> bool:
     """Whether the header asks for the pixels to be rotated or flipped (EXIF tag 0x0112)."""
     return image.getexif().get(0x0112, 1) != 1
 
