@@ -225,17 +225,10 @@ def throughput(args, on_gpu: bool, cores: int) -> None:
     print(f"\n  fastest: {best[1]} ({best[0]:,.0f} images/s)")
 
 
-def import_faiss():
-    try:
-        from pipeline.index.faiss_env import faiss  # sets OpenBLAS up first
-    except ImportError:
-        import faiss  # without the pipeline's dependencies
-    return faiss
-
-
 def faiss_figures(on_gpu: bool, rows: int, queries: int, cpu_queries: int) -> None:
     try:
-        faiss = import_faiss()
+        # Through the pipeline, which sets OpenBLAS up before FAISS loads (and needs pydantic).
+        from pipeline.index.faiss_env import faiss
     except ImportError as err:
         print(f"FAISS: skipped, not importable here ({err})")
         return
