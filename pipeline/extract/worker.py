@@ -124,9 +124,6 @@ class ShardEmbedder:
             weights=weights,
             model_dirs=(uri_builder(plan.out)(f"{out_path}/{PLAN_FOLDER}"),),
         )
-        # Decoding overlaps the model; one decode per spare core, at least one. Reads wait on
-        # the disk or the network, not the CPU, so more of them run at once (on an object
-        # store, many): a slow read does not leave the model without images.
         # On CUDA, JPEGs are decoded on the GPU in model-sized batches (pipeline.gpu).
         self.gpu_decoder = (
             GpuJpegDecoder(
@@ -138,6 +135,9 @@ class ShardEmbedder:
             if self.embedder.device.type == "cuda"
             else None
         )
+        # Decoding overlaps the model; one decode per spare core, at least one. Reads wait on
+        # the disk or the network, not the CPU, so more of them run at once (on an object
+        # store, many): a slow read does not leave the model without images.
         cores = threads or len(os.sched_getaffinity(0))
         self.decode_slots = threading.BoundedSemaphore(max(1, cores - 1))
         readers = 16 if is_uri(plan.source) else max(1, cores - 1) + 1
