@@ -26,9 +26,9 @@ from pipeline.decode import (
     ImageDecodeError,
     decode_image,
 )
-from pipeline.errors import ArtifactError, ConfigError, ProvenanceMismatch, WeightsError
+from pipeline.errors import ConfigError, ProvenanceMismatch, WeightsError
 from pipeline.provenance import LAYER_WIDTHS, Preprocessing, Provenance, file_sha256
-from pipeline.quantize import RUNTIME, Int8Session, find_int8_model, runtime_version
+from pipeline.quantize import RUNTIME, Int8Session, int8_model_for, runtime_version
 
 IMAGENET_WEIGHTS = AlexNet_Weights.IMAGENET1K_V1
 # How many modules of `alexnet().classifier` each layer runs (fc7 ends after its ReLU).
@@ -338,14 +338,7 @@ class Embedder:
                 f"weights {provenance.weights}: sha256 here is {weights.sha256[:12]}..., the "
                 f"artifact was made with {provenance.weights_sha256[:12]}..."
             )
-        int8_model = None
-        if provenance.precision == "int8":
-            if not provenance.int8_model_sha256:
-                raise ArtifactError(
-                    "the provenance asks for int8 but names no int8 model: the extraction that "
-                    "made it stopped before the model was built; run it again"
-                )
-            int8_model = find_int8_model(provenance.int8_model_sha256, tuple(model_dirs))
+        int8_model = int8_model_for(provenance, tuple(model_dirs))
         embedder = cls(
             weights,
             provenance.layer,

@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.fs import resolve
+from pipeline.provenance import Provenance
 
 RUNTIME = "onnxruntime"
 # Bump when the export or quantisation recipe changes, so that cached models are rebuilt.
@@ -154,6 +155,25 @@ class Int8Session:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images, np.float32)})[0]
+
+
+def int8_model_for(provenance: Provenance, folders: tuple[str, ...] = ()) -> bytes | None:
+    """The int8 model that made artifacts with `provenance` (None when they are not int8):
+    from the cache, else from `folders` (see `find_int8_model`).
+
+    Raises:
+        ArtifactError: the provenance names no model (its extraction stopped before building
+            it), or the model is found nowhere.
+    """
+    if provenance.precision != "int8":
+        return None
+    if not provenance.int8_model_sha256:
+        where = f"{folders[0]}: " if folders else ""
+        raise ArtifactError(
+            f"{where}the provenance asks for int8 but names no int8 model: the extraction that "
+            "made it stopped before the model was built; run it again"
+        )
+    return find_int8_model(provenance.int8_model_sha256, folders)
 
 
 def find_int8_model(sha256: str, folders: tuple[str, ...] = ()) -> bytes:

@@ -36,10 +36,9 @@ from pipeline.classify.estimators import (
     with_search,
 )
 from pipeline.classify.report import evaluate, write_report
-from pipeline.errors import ArtifactError, ConfigError
-from pipeline.extract.plan import PLAN_FOLDER
-from pipeline.fs import resolve, uri_builder
-from pipeline.quantize import find_int8_model
+from pipeline.errors import ConfigError
+from pipeline.extract.plan import plan_folder
+from pipeline.quantize import int8_model_for
 from pipeline.store import EmbeddingDataset
 
 
@@ -85,7 +84,8 @@ def train(config: TrainConfig) -> Classifier:
             test_data.provenance, mine=f"embeddings {data.uri}", theirs=f"--test {test_data.uri}"
         )
         require_label_column(test_data, config.label_column)
-    int8_model = _int8_model(data)  # before fitting: a missing model fails at once
+    # Before fitting, so that a missing model fails at once.
+    int8_model = int8_model_for(data.provenance, (plan_folder(data.uri),))
     protocol = evaluation_protocol(config, test_data)
     fit = _train_streaming if config.classifier == "sgd" else _train_in_memory
     model, classes, evaluation, counts = fit(config, data, test_data, protocol)
@@ -113,22 +113,6 @@ def train(config: TrainConfig) -> Classifier:
     classifier.save(out, training, int8_model=int8_model)
     write_report(out, metrics, classes)
     return classifier
-
-
-def _int8_model(data: EmbeddingDataset) -> bytes | None:
-    """The int8 model that made `data` (None if not int8), for the classifier folder: from the
-    cache, else from the extraction output's `_plan/` folder."""
-    provenance = data.provenance
-    if provenance.precision != "int8":
-        return None
-    if not provenance.int8_model_sha256:
-        raise ArtifactError(
-            f"{data.uri}: the provenance asks for int8 but names no int8 model: the extraction "
-            f"that made it stopped before the model was built; run it again"
-        )
-    _, path = resolve(data.uri)
-    plan_folder = uri_builder(data.uri)(f"{path.rstrip('/')}/{PLAN_FOLDER}")
-    return find_int8_model(provenance.int8_model_sha256, (plan_folder,))
 
 
 def evaluation_protocol(

@@ -20,8 +20,8 @@ import torch
 from pipeline.decode import DecodeBudget, ImageDecodeError, decode_image
 from pipeline.errors import ArtifactError
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.plan import PLAN_FOLDER, Plan, record_provenance
-from pipeline.fs import resolve, uri_builder
+from pipeline.extract.plan import Plan, plan_folder, record_provenance
+from pipeline.fs import resolve
 from pipeline.model import Embedder, Weights, build_network
 from pipeline.quantize import (
     RECIPE_VERSION,
@@ -62,12 +62,11 @@ def prepare_int8(config: ExtractConfig, plan: Plan, weights: Weights) -> tuple[P
         >>> print(figures)                                       # doctest: +SKIP
         int8 check: mean cosine to fp32 0.9999 (min 0.9998), top-10 neighbours by cosine ...
     """
-    fs, out = resolve(plan.out)
-    plan_folder = uri_builder(plan.out)(f"{out}/{PLAN_FOLDER}")
+    beside_output = plan_folder(plan.out)
     provenance = plan.provenance
     if provenance.int8_model_sha256:  # a resumed run: the embeddings so far used this model
-        model = find_int8_model(provenance.int8_model_sha256, (plan_folder,))
-        store_beside(model, provenance.int8_model_sha256, plan_folder)
+        model = find_int8_model(provenance.int8_model_sha256, (beside_output,))
+        store_beside(model, provenance.int8_model_sha256, beside_output)
         figures = provenance.int8_check or {}
         _require_gate(figures, config)
         return plan, describe(figures, "resumed")
@@ -107,7 +106,7 @@ def prepare_int8(config: ExtractConfig, plan: Plan, weights: Weights) -> tuple[P
     except OSError:
         pass  # a cache that cannot be written costs a rebuild next time, nothing else
     _require_gate(figures, config)
-    store_beside(model, sha256, plan_folder)
+    store_beside(model, sha256, beside_output)
     plan = record_provenance(
         plan,
         provenance.model_copy(

@@ -25,7 +25,7 @@ from pipeline.errors import (
     SourceError,
 )
 from pipeline.extract.config import ExtractConfig
-from pipeline.fs import resolve
+from pipeline.fs import resolve, uri_builder
 from pipeline.provenance import PARQUET_METADATA_KEY, Provenance
 from pipeline.quantize import INT8_MODEL_NAME
 from pipeline.sources import (
@@ -67,6 +67,13 @@ class Plan:
 
     def part_file(self, shard: int) -> str:
         return f"{resolve(self.out)[1]}/{PART_PREFIX}{shard:05d}.parquet"
+
+
+def plan_folder(out: str) -> str:
+    """The plan folder of the extraction output `out` (where its int8 model is too), as a path
+    or URI like `out`."""
+    _, path = resolve(out)
+    return uri_builder(out)(f"{path.rstrip('/')}/{PLAN_FOLDER}")
 
 
 def prepare_output(config: ExtractConfig, provenance: Provenance) -> Plan | None:

@@ -21,8 +21,8 @@ import torch
 
 from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.plan import PLAN_FOLDER, Plan
-from pipeline.fs import is_uri, resolve, uri_builder
+from pipeline.extract.plan import Plan, plan_folder
+from pipeline.fs import is_uri, resolve
 from pipeline.gpu import GpuJpegDecoder
 from pipeline.model import Embedder, Weights
 from pipeline.sources import (
@@ -116,13 +116,12 @@ class ShardEmbedder:
             torch.set_num_threads(threads)
         self.config = config
         self.plan = plan
-        _, out_path = resolve(plan.out)
         self.embedder = Embedder.matching(
             plan.provenance,
             config.device,
             config.decode_memory,
             weights=weights,
-            model_dirs=(uri_builder(plan.out)(f"{out_path}/{PLAN_FOLDER}"),),
+            model_dirs=(plan_folder(plan.out),),
         )
         # On CUDA, JPEGs are decoded on the GPU in model-sized batches (pipeline.gpu).
         self.gpu_decoder = (

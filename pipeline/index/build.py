@@ -26,8 +26,8 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.extract.plan import PLAN_FOLDER
-from pipeline.fs import normalize_source, resolve, uri_builder
+from pipeline.extract.plan import plan_folder
+from pipeline.fs import normalize_source
 from pipeline.index.config import IndexConfig
 from pipeline.index.faiss_env import (
     SCORES,
@@ -46,8 +46,7 @@ from pipeline.index.format import (
 )
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.tune import RECALL_K, Evaluation, evaluate, exact_neighbours
-from pipeline.provenance import Provenance
-from pipeline.quantize import find_int8_model
+from pipeline.quantize import int8_model_for
 from pipeline.resources import peak_rss
 from pipeline.store import EmbeddingDataset, embeddings_to_numpy
 
@@ -248,7 +247,7 @@ def build_index(
     }
     write_index_dir(
         out, index, id_map.ids, id_map.paths, id_map.labels, manifest, data.provenance,
-        replace=True, int8_model=_int8_model(data.provenance, _plan_folder(data.uri)),
+        replace=True, int8_model=int8_model_for(data.provenance, (plan_folder(data.uri),)),
     )
     return BuildResult(
         manifest, count, total - rows, id_map.duplicates, seconds, evaluation, plan, bool(gpu)
@@ -298,7 +297,7 @@ def add_to_index(
         write_index_dir(
             Path(config.out), index, id_map.ids, id_map.paths, id_map.labels, manifest,
             loaded.provenance, replace=True,
-            int8_model=_int8_model(loaded.provenance, str(loaded.folder)),
+            int8_model=int8_model_for(loaded.provenance, (str(loaded.folder),)),
         )
     report(f"added {added:,} new rows ({id_map.duplicates:,} already indexed)")
     return BuildResult(manifest, added, skipped_errors, id_map.duplicates, seconds, None)
@@ -359,19 +358,6 @@ def _source_entry(data: EmbeddingDataset, added: int, errors: int, duplicates: i
         "rows_skipped_duplicate_ids": duplicates,
         "added_at": _now(),
     }
-
-
-def _int8_model(provenance: Provenance, folder: str) -> bytes | None:
-    """The int8 model that made these embeddings, for the index folder (None if not int8)."""
-    if provenance.precision != "int8":
-        return None
-    return find_int8_model(provenance.int8_model_sha256, (folder,))
-
-
-def _plan_folder(embeddings: str) -> str:
-    """Where an extraction output keeps its plan and int8 model (`{out}/_plan`)."""
-    _, path = resolve(embeddings)
-    return uri_builder(embeddings)(f"{path.rstrip('/')}/{PLAN_FOLDER}")
 
 
 def _now() -> str:
