@@ -25,6 +25,7 @@ from pipeline.extract import (  # noqa: E402
     write_plan,
 )
 from pipeline.extract.calibrate import prepare_int8  # noqa: E402
+from pipeline.extract.dryrun import dry_run  # noqa: E402
 from pipeline.model import load_weights, make_provenance, resolve_precision  # noqa: E402
 from pipeline.sources import iter_inputs  # noqa: E402
 
@@ -33,6 +34,7 @@ EPILOG = """examples:
   fc7 extract list.csv --out emb/ --layer fc6 --dtype float16
   fc7 extract s3://bucket/images --out s3://bucket/embeddings --num-workers 8
   fc7 extract photos/ --out emb/ --weights random --limit 100    smoke test, no download
+  fc7 extract list.parquet --out emb/ --dry-run      plan, sum up and estimate; embed nothing
 Run the same command again to resume an interrupted run."""
 
 
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = prepare_output(config, provenance) or write_plan(
         config, provenance, iter_inputs(config.source)
     )
+    if config.dry_run:
+        print(dry_run(config, plan, weights).describe())
+        return 0
     if plan.provenance.precision == "int8":
         plan, figures = prepare_int8(config, plan, weights)
         print(figures)
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(shard.seen)
             bar.set_postfix(failed=so_far.failed)
 
-        total = run_shards(config, plan, shards, progress, runner, weights)
+        total = run_shards(config, plan, shards, progress, runner, weights, log=tqdm.write)
     print(summary(total, plan, time.perf_counter() - started, plan.shards - len(shards)))
     return 0
 

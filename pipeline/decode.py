@@ -145,7 +145,20 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
         raise ImageDecodeError(reason, "format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageDecodeError(f"unreadable image header: {err}", "corrupt") from None
-    width, height = image.size
+    check_size(*image.size, max_pixels)
+    return image
+
+
+def check_size(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse a size fc7 must not decode or resize: the header's, or a decoded array's.
+
+    Raises:
+        ImageDecodeError: more than `max_pixels`, empty, or sides more than
+            `MAX_ASPECT_RATIO` to 1.
+
+    Example:
+        >>> check_size(640, 480)  # a photo: nothing raised; check_size(2, 10**6) raises
+    """
     if width * height > max_pixels:
         raise ImageDecodeError(
             f"too large: {width}x{height} = {width * height:,} pixels exceeds max_pixels "
@@ -160,7 +173,6 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
             f"times the other (the center crop would keep almost nothing of it)",
             "size",
         )
-    return image
 
 
 def decode_memory(image: Image.Image, preprocessing: Preprocessing) -> int:
@@ -209,10 +221,21 @@ def decode_image(
             reason = f"corrupt or truncated {image.format or 'image'}: {err}"
             raise ImageDecodeError(reason, "corrupt") from None
         del image
-        tensor = F.resize(tensor, [preprocessing.resize], antialias=preprocessing.antialias)
-        tensor = F.center_crop(tensor, [preprocessing.crop])
+        return crop(tensor, preprocessing), width, height
+
+
+def crop(tensor: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """A decoded (channels, height, width) uint8 image, one channel or three, resized and
+    center-cropped to the model's (3, crop, crop) uint8 input.
+
+    Example:
+        >>> crop(torch.zeros(3, 300, 400, dtype=torch.uint8), Preprocessing()).shape
+        torch.Size([3, 224, 224])
+    """
+    tensor = F.resize(tensor, [preprocessing.resize], antialias=preprocessing.antialias)
+    tensor = F.center_crop(tensor, [preprocessing.crop])
     # Grayscale is resized as one channel (the same numbers as three equal channels).
-    return tensor.expand(3, -1, -1).contiguous(), width, height
+    return tensor.expand(3, -1, -1).contiguous()
 
 
 def _path(image: Image.Image) -> Literal["jpeg", "gray", "color"]:

@@ -8,6 +8,7 @@ inputs in the same shards.
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import stat
@@ -104,7 +105,7 @@ def read_image_bytes(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
             raise InputReadError("cannot read file: No such file or directory")
         if info.type != pafs.FileType.File:
             raise InputReadError(f"not a regular file: {info.type.name.lower()}")
-        _check_size(info.size, max_bytes)
+        check_file_size(info.size, max_bytes)
         with fs.open_input_stream(fs_path) as stream:
             return _read_at_most(stream, max_bytes)
     except InputReadError:
@@ -123,7 +124,7 @@ def _read_local(path: str, max_bytes: int) -> bytes:
     with os.fdopen(descriptor, "rb") as file:
         status = os.fstat(file.fileno())
         _require_regular(status.st_mode)
-        _check_size(status.st_size, max_bytes)
+        check_file_size(status.st_size, max_bytes)
         return _read_at_most(file, max_bytes)
 
 
@@ -140,7 +141,12 @@ def _require_regular(mode: int) -> None:
         raise InputReadError(f"not a regular file: {kind}; only plain files are read")
 
 
-def _check_size(size: int | None, max_bytes: int) -> None:
+def check_file_size(size: int | None, max_bytes: int) -> None:
+    """Refuse a file of more than `max_bytes` (None: size unknown, accepted).
+
+    Raises:
+        InputReadError: the reason recorded in the row.
+    """
     if size is not None and size > max_bytes:
         raise InputReadError(
             f"file too large: {size:,} bytes exceeds max_bytes {max_bytes:,} (--max-bytes)"
@@ -150,7 +156,7 @@ def _check_size(size: int | None, max_bytes: int) -> None:
 def _read_at_most(stream, max_bytes: int) -> bytes:
     # One byte more than allowed tells a file that grew after its size was read.
     data = stream.read(max_bytes + 1)
-    _check_size(len(data), max_bytes)
+    check_file_size(len(data), max_bytes)
     return data
 
 
@@ -218,13 +224,13 @@ def _read_manifest(
     if path.lower().endswith(".txt"):
         try:
             with fs.open_input_stream(path) as stream:
-                lines = stream.read().decode("utf-8").splitlines()
+                # Line by line: a million-line manifest read whole would be held whole.
+                for line in io.TextIOWrapper(io.BufferedReader(stream), encoding="utf-8"):
+                    item = line.strip()
+                    if item and not item.startswith("#"):
+                        yield InputImage(id=item, path=located(item), label=None)
         except (OSError, UnicodeDecodeError) as err:
             raise SourceError(f"{where}: cannot read manifest: {err}") from err
-        for line in lines:
-            item = line.strip()
-            if item and not item.startswith("#"):
-                yield InputImage(id=item, path=located(item), label=None)
         return
     for batch in _manifest_batches(fs, path, where):
         rows = batch.to_pydict()

@@ -1,39 +1,11 @@
-"""How `fc7 extract` chooses where to run, and lays its model replicas out on the resources
-Ray reports."""
+"""How `fc7 extract` chooses where to run (where replicas go: test_layout.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.extract import ExtractConfig, choose_runner, worker_layout
+from pipeline.extract import ExtractConfig, choose_runner
 from pipeline.extract.runner import SMALL_JOB_IMAGES
-
-
-def layout(resources: dict, **options) -> tuple[int, int, bool]:
-    return worker_layout(ExtractConfig(source="photos", out="out", **options), resources)
-
-
-@pytest.mark.parametrize(
-    ("resources", "options", "expected"),
-    [
-        ({"CPU": 2.0}, {}, (1, 2, False)),  # this machine: one replica with both cores
-        ({"CPU": 16.0}, {}, (2, 8, False)),  # replicas of at most 8 threads
-        ({"CPU": 12.0}, {}, (1, 8, False)),  # 12 // 8 replicas of 8 threads
-        ({"CPU": 32.0, "GPU": 4.0}, {}, (4, 8, True)),  # one per GPU, the CPUs shared
-        ({"CPU": 32.0, "GPU": 4.0}, {"device": "cpu"}, (4, 8, False)),
-        ({"CPU": 16.0}, {"num_workers": 3, "cpus_per_worker": 2}, (3, 2, False)),
-        ({"CPU": 16.0}, {"cpus_per_worker": 4}, (4, 4, False)),
-        ({"CPU": 8.0, "GPU": 1.0}, {"device": "gpu"}, (1, 8, True)),
-    ],
-)
-def test_replicas_follow_the_cluster_and_the_options(resources, options, expected):
-    assert layout(resources, **options) == expected
-
-
-def test_cuda_on_a_cluster_without_gpus_fails_before_any_actor_starts():
-    with pytest.raises(ConfigError, match="--device cuda: the Ray cluster has no GPU"):
-        layout({"CPU": 8.0}, device="cuda")
 
 
 @pytest.mark.parametrize(

@@ -45,3 +45,26 @@ def test_bad_sources_name_the_problem(tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"x")
     with pytest.raises(SourceError, match="not a folder or a manifest"):
         list(iter_inputs(str(tmp_path / "photo.jpg")))
+
+
+def test_an_object_store_folder_is_walked_in_the_order_of_a_local_folder(tmp_path):
+    # Names whose order by name ("cat" < "cat-1.jpg") differs from an object store's key order
+    # ("cat-1.jpg" < "cat/"): the plan's order must not depend on the walker, nor change if
+    # listings are ever streamed page by page. A SubTreeFileSystem is not a LocalFileSystem, so
+    # it is walked as an object store is.
+    import pyarrow.fs as pafs
+
+    from pipeline.sources import _walk_folder
+
+    names = ["cat/a.jpg", "cat-1/b.png", "cat-1.jpg", "cat.jpg", "cat0.jpg", "B.JPG", "a b.jpg",
+             "ünï 名.jpg", "notes.txt", "cat/deeper/c.webp"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    walked = list(_walk_folder(store, "", lambda path: f"s3://bucket/{path}"))
+    local = list(iter_inputs(str(tmp_path)))
+    assert [item.id for item in walked] == [item.id for item in local] == sorted(
+        (name for name in names if name != "notes.txt"), key=lambda i: i.split("/"))
+    assert [item.label for item in walked] == [item.label for item in local]
+    assert walked[0].path == "s3://bucket/B.JPG"

@@ -3,10 +3,14 @@
     config   ExtractConfig, the options of `fc7 extract`
     plan     the plan of a run and the output folder it owns (resume, --overwrite)
     worker   ShardEmbedder: embeds one shard into its part file
+    layout   where the model replicas go, from each node's own resources
+    pool     the Ray actors of a run: follow the cluster, survive lost workers
     runner   runs the shards in this process or on Ray, and sums up what they did
+    dryrun   --dry-run: the plan summed up one shard at a time, the layout, an estimated time
 """
 
 from pipeline.extract.config import ExtractConfig
+from pipeline.extract.layout import cluster_nodes, local_nodes, worker_slots
 from pipeline.extract.plan import Plan, pending_shards, prepare_output, write_plan
 from pipeline.extract.runner import (
     choose_runner,
@@ -14,7 +18,6 @@ from pipeline.extract.runner import (
     start_ray,
     stop_ray,
     summary,
-    worker_layout,
 )
 from pipeline.extract.worker import ShardEmbedder, ShardStats
 
@@ -30,6 +33,8 @@ __all__ = [
     "start_ray",
     "stop_ray",
     "summary",
-    "worker_layout",
+    "worker_slots",
+    "cluster_nodes",
+    "local_nodes",
     "write_plan",
 ]

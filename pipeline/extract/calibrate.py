@@ -187,14 +187,15 @@ def _samples(config: ExtractConfig, plan: Plan) -> tuple[Sample, Sample, str]:
     drawn: "apart" (as asked), "split" (fewer images than asked, shared in proportion) or
     "same" (too few to split: the check sample is the calibration sample)."""
     fs, _ = resolve(plan.out)
-    paths = pq.read_table(plan.inputs_file, columns=["path"], filesystem=fs)["path"].to_pylist()
+    # An Arrow column, not a Python list: a plan of a million paths stays a few dozen MB.
+    paths = pq.read_table(plan.inputs_file, columns=["path"], filesystem=fs)["path"]
     wanted = config.int8_calibration_images + config.int8_check_images
     order = np.random.default_rng(0).permutation(len(paths))
     budget = DecodeBudget(config.decode_memory)
 
     def load(position: int) -> tuple[str, torch.Tensor] | None:
         try:
-            data = read_image_bytes(paths[position], config.max_bytes)
+            data = read_image_bytes(paths[int(position)].as_py(), config.max_bytes)
             tensor, _, _ = decode_image(
                 data, plan.provenance.preprocessing, config.max_pixels, budget
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import PositiveInt, field_validator
+from pydantic import PositiveInt, field_validator, model_validator
 
 from pipeline.config import Device, JobConfig, Size, option
 from pipeline.decode import DEFAULT_MAX_PIXELS
@@ -92,6 +92,12 @@ class ExtractConfig(JobConfig):
         False,
         "replace an fc7 output made with other settings; deletes only the files fc7 wrote there",
     )
+    dry_run: bool = option(
+        False,
+        "write the plan and sum it up (images, shards, labels, bytes, workers, an estimated "
+        "time from a few images embedded here) without embedding; a run without it reuses "
+        "the plan",
+    )
 
     @field_validator("weights")
     @classmethod
@@ -102,3 +108,15 @@ class ExtractConfig(JobConfig):
     @classmethod
     def _normalise_location(cls, value: str) -> str:
         return normalize_source(value)
+
+    @model_validator(mode="after")
+    def _dry_run_deletes_nothing(self) -> ExtractConfig:
+        # A dry run writes its plan, and with --overwrite that plan would replace (delete) the
+        # embeddings already in --out: a preview must not destroy what it previews.
+        if self.dry_run and self.overwrite:
+            raise ValueError(
+                "--dry-run --overwrite: the dry run writes its plan into --out, which would "
+                "delete the output there; dry-run into a new --out, or run --overwrite without "
+                "--dry-run"
+            )
+        return self

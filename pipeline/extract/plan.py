@@ -40,6 +40,8 @@ PLAN_FILES = ("inputs.parquet", "plan.json")
 # plan names, and the hidden temporary files of parts being written.
 PART_NAME = re.compile(rf"{PART_PREFIX}(\d{{5,}})\.parquet")
 PART_TEMPORARY_NAME = re.compile(rf"\.{PART_PREFIX}\d{{5,}}\.parquet\.[0-9a-f]{{32}}\.tmp")
+# What a Ray run records in `_plan/`: which node and worker embedded each shard (pool.py).
+RUN_RECORD_NAME = re.compile(r"run-\d{8}T\d{6}Z-[0-9a-f]{6}\.json")
 PLAN_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
 
 @dataclass(frozen=True)
@@ -245,27 +247,40 @@ def _write_plan_json(plan: Plan) -> None:
     fs.move(temporary, f"{out}/{PLAN_FOLDER}/plan.json")
 
 
+def run_record_name(started: str) -> str:
+    """The name of the record of a run that started at `started` (ISO 8601, UTC, seconds)."""
+    return f"run-{started.replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:6]}.json"
+
+
 def pending_shards(plan: Plan) -> list[int]:
     """Shards whose part file is not there yet; also removes temporary files of killed runs."""
+    remove_temporary_parts(plan)
     fs, out = resolve(plan.out)
     done = set()
     for info in _list(fs, out):
-        if info.type != pafs.FileType.File:
-            continue
-        if PART_TEMPORARY_NAME.fullmatch(info.base_name):
-            fs.delete_file(info.path)
-        elif match := PART_NAME.fullmatch(info.base_name):
+        if info.type == pafs.FileType.File and (match := PART_NAME.fullmatch(info.base_name)):
             done.add(int(match.group(1)))
     return [shard for shard in range(plan.shards) if shard not in done]
+
+
+def remove_temporary_parts(plan: Plan) -> None:
+    """Delete the hidden temporary part files that killed workers left in the output."""
+    fs, out = resolve(plan.out)
+    for info in _list(fs, out):
+        if info.type == pafs.FileType.File and PART_TEMPORARY_NAME.fullmatch(info.base_name):
+            try:
+                fs.delete_file(info.path)
+            except FileNotFoundError:  # its worker, still alive, moved it into place
+                pass
 
 
 def remove_output(fs: pafs.FileSystem, out: str, plan: Plan | None) -> None:
     """Delete what fc7 wrote in `out`, and nothing else.
 
     That is the part files the plan names, temporary part files, and the plan's own files (its
-    int8 model among them; its folder too once empty). With an unreadable plan, part files are
-    fc7's when their name is `part-NNNNN.parquet` and their schema carries fc7 provenance.
-    Sub-folders are never entered, other files never touched.
+    int8 model and run records among them; its folder too once empty). With an unreadable
+    plan, part files are fc7's when their name is `part-NNNNN.parquet` and their schema
+    carries fc7 provenance. Sub-folders are never entered, other files never touched.
     """
     for info in _list(fs, out):
         if info.type != pafs.FileType.File:
@@ -281,6 +296,7 @@ def remove_output(fs: pafs.FileSystem, out: str, plan: Plan | None) -> None:
         if info.type == pafs.FileType.File and (
             info.base_name in PLAN_FILES
             or info.base_name.startswith(".plan.json.")
+            or RUN_RECORD_NAME.fullmatch(info.base_name)
             or INT8_MODEL_NAME.fullmatch(info.base_name)
         ):
             fs.delete_file(info.path)

@@ -1,16 +1,19 @@
 """Running the shards of a plan: in this process, or on Ray with one `ShardEmbedder` actor per
-model replica (GPU actors where there are GPUs), two shards queued per actor; a summary at the
-end. Both runners run the same shard code and write the same part files.
+model replica (`pool.ActorPool`, laid out by `layout.py`); a summary at the end. Both runners
+run the same shard code and write the same part files.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import PipelineError
 from pipeline.extract.config import ExtractConfig
+from pipeline.extract.layout import local_nodes, plan_layout
 from pipeline.extract.plan import Plan
+from pipeline.extract.pool import ActorPool
 from pipeline.extract.worker import ShardEmbedder, ShardStats
 from pipeline.model import Weights
 
@@ -108,30 +111,6 @@ def _require_answering(address: str) -> None:
         ) from None
 
 
-def worker_layout(config: ExtractConfig, resources: dict) -> tuple[int, int, bool]:
-    """(workers, CPUs per worker, on GPU) for the cluster's resources and the config.
-
-    One model replica per GPU; on CPU, replicas of up to 8 threads each (AlexNet's GEMMs scale
-    well to about 8 threads, past that more replicas do better).
-    """
-    cpus = max(1, int(resources.get("CPU", 1)))
-    gpus = int(resources.get("GPU", 0)) if config.device != "cpu" else 0
-    if config.device == "cuda" and gpus == 0:
-        # Checked here, before any actor starts: an actor would fail only after loading.
-        raise ConfigError("--device cuda: the Ray cluster has no GPU; use --device auto or cpu")
-    on_gpu = gpus > 0
-    per_worker = config.cpus_per_worker or (max(1, cpus // gpus) if on_gpu else min(cpus, 8))
-    workers = config.num_workers or (gpus if on_gpu else max(1, cpus // per_worker))
-    return workers, per_worker, on_gpu
-
-
-def local_resources() -> dict:
-    """The CPUs and GPUs an embedded local Ray would see on this machine."""
-    import torch
-
-    return {"CPU": len(os.sched_getaffinity(0)), "GPU": torch.cuda.device_count()}
-
-
 def choose_runner(config: ExtractConfig, images: int) -> str:
     """`local` or `ray` for `--runner` and a job of `images` images.
 
@@ -143,8 +122,9 @@ def choose_runner(config: ExtractConfig, images: int) -> str:
         return config.runner
     if os.environ.get("RAY_ADDRESS") or _ray_is_initialized():
         return "ray"
-    workers, _, _ = worker_layout(config, local_resources())
-    return "local" if workers == 1 or images < SMALL_JOB_IMAGES else "ray"
+    (machine,) = local_nodes()
+    workers = plan_layout(config, [machine]).node_slots(machine)[: config.num_workers]
+    return "local" if len(workers) <= 1 or images < SMALL_JOB_IMAGES else "ray"
 
 
 def _ray_is_initialized() -> bool:
@@ -161,23 +141,29 @@ def run_shards(
     on_shard_done,
     runner: str = "ray",
     weights: Weights | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ShardStats:
     """Embed `shards` in this process (`runner="local"`, with `weights` if already loaded) or
-    on Ray actors; calls `on_shard_done(stats, total)` as each part lands."""
+    on Ray actors that follow the cluster (`pool.ActorPool`); calls `on_shard_done(stats,
+    total)` as each part lands, and `log(line)` when the Ray pool grows or shrinks."""
     if runner == "local":
         return _run_here(config, plan, shards, on_shard_done, weights)
     started = start_ray()
     try:
-        return _run_on_actors(config, plan, shards, on_shard_done)
+        return ActorPool(config, plan, shards, on_shard_done, log or _recorded_only).run()
     finally:
         if started:
             stop_ray()
 
 
+def _recorded_only(line: str) -> None:
+    """The pool's lines when the caller shows none: they stay in `_plan/run-*.json`."""
+
+
 def _run_here(config: ExtractConfig, plan: Plan, shards: list[int], on_shard_done, weights):
     # The same ShardEmbedder as a Ray actor runs, with every core of this machine: the model
     # in this thread, decoding in its thread pool.
-    threads = config.cpus_per_worker or local_resources()["CPU"]
+    threads = config.cpus_per_worker or local_nodes()[0].cpus
     embed_shard = ShardEmbedder(config, plan, threads, weights)
     total = ShardStats()
     try:
@@ -187,50 +173,4 @@ def _run_here(config: ExtractConfig, plan: Plan, shards: list[int], on_shard_don
             on_shard_done(stats, total)
     finally:
         embed_shard.close()
-    return total
-
-
-def _run_on_actors(config: ExtractConfig, plan: Plan, shards: list[int], on_shard_done):
-    # Not `ray.util.ActorPool`: it keeps one task per actor, so every actor idles while the
-    # driver hands it the next shard, and a dead actor makes `get_next` raise with no way to
-    # give its shard to another actor (which the elastic pool of a real cluster needs).
-    import ray
-
-    resources = ray.cluster_resources()
-    workers, per_worker, on_gpu = worker_layout(config, resources)
-    # --num-workers above the GPU count shares each GPU between replicas (bench/gpu_check.sh
-    # measures whether two replicas per GPU beat one).
-    gpus_per_worker = min(1.0, resources.get("GPU", 0) / workers) if on_gpu else 0
-    actor_class = ray.remote(ShardEmbedder).options(
-        num_cpus=per_worker, num_gpus=gpus_per_worker, max_restarts=2, max_task_retries=2
-    )
-    actors = [
-        actor_class.remote(config, plan, per_worker) for _ in range(min(workers, len(shards)))
-    ]
-    todo = iter(shards)
-    in_flight: dict = {}
-
-    def submit(actor) -> None:
-        shard = next(todo, None)
-        if shard is not None:
-            in_flight[actor.__call__.remote(shard)] = actor
-
-    # Two shards queued per actor, so no actor waits for the driver between shards.
-    for actor in actors * 2:
-        submit(actor)
-    total = ShardStats()
-    while in_flight:
-        (ready,), _ = ray.wait(list(in_flight), num_returns=1)
-        actor = in_flight.pop(ready)
-        try:
-            stats = ray.get(ready)
-        except ray.exceptions.RayError as err:
-            # Ray already retried the shard; what is done stays done for the next run.
-            raise PipelineError(
-                f"a worker failed on a shard, also when retried ({type(err).__name__}: "
-                f"{str(err).strip().splitlines()[-1]}); run the same command again to resume"
-            ) from err
-        total.merge(stats)
-        on_shard_done(stats, total)
-        submit(actor)
     return total

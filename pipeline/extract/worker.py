@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -25,6 +25,7 @@ from pipeline.extract.plan import Plan, plan_folder
 from pipeline.fs import is_uri, resolve
 from pipeline.gpu import GpuJpegDecoder
 from pipeline.model import Embedder, Weights
+from pipeline.provenance import LAYER_WIDTHS
 from pipeline.sources import (
     InputReadError,
     read_image_bytes,
@@ -78,11 +79,22 @@ def _load_and_decode(
     data, row = _read(item, config)
     if data is None:
         return row
-    sha256 = row.sha256
+    return decode_row(data, row.sha256, embedder, config.max_pixels, decode_slots)
+
+
+def decode_row(
+    data: bytes,
+    sha256: str | None,
+    embedder: Embedder,
+    max_pixels: int,
+    decode_slots: threading.Semaphore,
+) -> DecodedRow:
+    """One file's bytes decoded for `embedder`, or the reason they cannot be; never raises for
+    a bad file. Shared with `pipeline.raydata.FC7Embedder`."""
     try:
         with decode_slots:
             tensor, width, height = decode_image(
-                data, embedder.preprocessing, config.max_pixels, embedder.decode_budget
+                data, embedder.preprocessing, max_pixels, embedder.decode_budget
             )
     except ImageDecodeError as err:
         return DecodedRow(None, str(err), sha256)
@@ -91,6 +103,57 @@ def _load_and_decode(
         # image fails, the shard and the run go on.
         return DecodedRow(None, f"cannot decode: {type(err).__name__}: {err}", sha256)
     return DecodedRow(tensor, None, sha256, width, height)
+
+
+def embed_rows(
+    embedder: Embedder, decoded: Iterable[DecodedRow], count: int, batch_size: int, dtype: str
+) -> tuple[np.ndarray, list[DecodedRow]]:
+    """Run the model on decoded rows, `batch_size` images a call, as they arrive.
+
+    Args:
+        embedder: the model.
+        decoded: `count` rows, each a tensor or an error (e.g. a thread pool's `map`).
+        count: how many rows `decoded` yields.
+        batch_size: images per model call.
+        dtype: the stored type: a vector not finite in it becomes an error row.
+
+    Returns:
+        (a (count, dim) float32 array, zero where there is no embedding; the rows, their
+        tensors released and `error` set for non-finite vectors).
+    """
+    embeddings = np.zeros((count, LAYER_WIDTHS[embedder.layer]), dtype=np.float32)
+    rows: list[DecodedRow] = []
+    waiting: list[int] = []  # positions of decoded rows waiting for the model
+    for position, row in enumerate(decoded):
+        rows.append(row)
+        if row.tensor is not None:
+            waiting.append(position)
+        if waiting and (len(waiting) == batch_size or position == count - 1):
+            embeddings[waiting] = embedder(torch.stack([rows[i].tensor for i in waiting]))
+            for i in waiting:  # the tensor is in `embeddings` now; free its memory
+                rows[i] = rows[i]._replace(tensor=None)
+            waiting = []
+    # A vector that is not finite in the stored type (NaN from the model, or a float16
+    # overflow) would poison every index and classifier built on it: it is an error row.
+    with np.errstate(over="ignore"):
+        stored = embeddings.astype(np.dtype(dtype))
+    for position in np.flatnonzero(~np.isfinite(stored).all(axis=1)):
+        if rows[position].error is None:
+            rows[position] = rows[position]._replace(error=(
+                f"non-finite embedding: the model gave NaN or inf (or a value beyond the range "
+                f"of {dtype})"
+            ))
+    return embeddings, rows
+
+
+def _crash_if_named(rows: list[dict]) -> None:
+    """Tests only (tests/test_cluster.py): end this process at once, as a native crash in a
+    decoder would, on an input whose id is listed in the file FC7_TEST_CRASH_FILE names."""
+    marker = os.environ.get("FC7_TEST_CRASH_FILE")
+    if marker and os.path.isfile(marker):
+        with open(marker) as names:
+            if {row["id"] for row in rows} & set(names.read().split()):
+                os._exit(70)
 
 
 class ShardEmbedder:
@@ -152,6 +215,7 @@ class ShardEmbedder:
         with fs.open_input_file(self.plan.inputs_file) as file:
             plan = pq.ParquetFile(file, page_checksum_verification=True)
             rows = plan.read_row_group(shard).to_pylist()
+        _crash_if_named(rows)
         if self.gpu_decoder is not None:
             decoded = self._decoded_on_gpu(rows)
         else:
@@ -161,27 +225,10 @@ class ShardEmbedder:
                 lambda row: _load_and_decode(row, self.embedder, self.config, self.decode_slots),
                 rows,
             )
-        embeddings = np.zeros((len(rows), self.plan.provenance.dim), dtype=np.float32)
-        results: list[DecodedRow] = []
-        batch: list[int] = []  # positions of decoded rows waiting for the model
-        for position, result in enumerate(decoded):
-            results.append(result)
-            if result.tensor is not None:
-                batch.append(position)
-            if batch and (len(batch) == self.config.batch_size or position == len(rows) - 1):
-                embeddings[batch] = self.embedder(torch.stack([results[i].tensor for i in batch]))
-                for i in batch:  # the tensor is in `embeddings` now; free its memory
-                    results[i] = results[i]._replace(tensor=None)
-                batch = []
+        embeddings, results = embed_rows(
+            self.embedder, decoded, len(rows), self.config.batch_size, self.plan.provenance.dtype
+        )
         errors = [result.error for result in results]
-        # A vector that is not finite in the stored type (NaN from the model, or a float16
-        # overflow) would poison every index and classifier built on it: it is an error row.
-        with np.errstate(over="ignore"):
-            stored = embeddings.astype(np.dtype(self.plan.provenance.dtype))
-        for position in np.flatnonzero(~np.isfinite(stored).all(axis=1)):
-            if errors[position] is None:
-                errors[position] = (f"non-finite embedding: the model gave NaN or inf (or a "
-                                    f"value beyond the range of {self.plan.provenance.dtype})")
         table = build_table(
             self.plan.provenance,
             [row["id"] for row in rows],

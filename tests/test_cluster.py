@@ -1,0 +1,169 @@
+"""`fc7 extract` on a real multi-node Ray cluster on this machine: workers on every node, a
+node lost mid-run, a node that joins mid-run, and a shard that crashes every worker.
+
+The head has no CPUs, so every worker runs on a worker node of one CPU (one worker each).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import jpeg_bytes
+from ray_cluster import RAY, RayCluster
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(RAY).exists(), reason="the ray command is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    # The test-only hook of pipeline/extract/worker.py: a worker crashes on the ids listed in
+    # this file (absent unless a test writes it).
+    crash_file = root / "crash-on"
+    cluster = RayCluster(root, {"FC7_TEST_CRASH_FILE": str(crash_file)})
+    cluster.crash_file = crash_file
+    try:
+        cluster.start_head(cpus=0)
+        cluster.add_node("node_a")
+        cluster.add_node("node_b")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def make_images(root: Path, count: int) -> Path:
+    for i in range(count):
+        folder = root / f"class_{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img_{i:05d}.jpg").write_bytes(jpeg_bytes(seed=i, size=(64, 48)))
+    return root
+
+
+class Extract:
+    """`fc7 extract` as a user runs it against the cluster, its output read as it comes."""
+
+    def __init__(self, cluster: RayCluster, *args: str):
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "extract", *args, "--weights", "random:0"],
+            env=dict(cluster.client_env(), PYTHONUNBUFFERED="1"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.errors: list[str] = []
+        threading.Thread(target=self._read, args=(self.process.stdout, self.lines),
+                         daemon=True).start()
+        threading.Thread(target=self._read, args=(self.process.stderr, self.errors),
+                         daemon=True).start()
+
+    def __enter__(self) -> Extract:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:  # the test failed while it ran
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+    @staticmethod
+    def _read(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
+
+    def wait_for(self, condition, what: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process.poll() is None, f"fc7 extract ended before {what}: {self.output}"
+            assert time.monotonic() < deadline, f"no {what} in {timeout} s: {self.output}"
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = 400) -> int:
+        code = self.process.wait(timeout=timeout)
+        time.sleep(0.2)  # the reader threads take the last lines
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)[-4000:] + "".join(self.errors)[-4000:]
+
+
+def run_record(out: Path) -> dict:
+    (record,) = sorted((out / "_plan").glob("run-*.json"))[-1:]
+    return json.loads(record.read_text())
+
+
+def nodes_by_label(record: dict) -> dict[str, str]:
+    return {label: node for node, info in record["nodes"].items() for label in info["labels"]}
+
+
+def assert_each_image_once(out: Path, images: Path) -> None:
+    ids = pq.read_table(out, columns=["id"]).column("id").to_pylist()
+    expected = {str(p.relative_to(images)) for p in images.rglob("*.jpg")}
+    assert len(ids) == len(set(ids)) and set(ids) == expected
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_lost_node_and_a_joining_node_mid_run(cluster, tmp_path):
+    images = make_images(tmp_path / "images", 2400)
+    out = tmp_path / "out"
+    with Extract(cluster, str(images), "--out", str(out), "--shard-size", "16") as run:
+        run.wait_for(lambda: sum("+1 worker" in line for line in run.lines) >= 2, "two workers")
+        run.wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 6, "six parts")
+        # A node vanishes with work in flight, as a preempted spot node does; another joins.
+        cluster.kill_node("node_b")
+        cluster.add_node("node_c")
+        assert run.finish() == 0, run.output
+
+    record = run_record(out)
+    node = nodes_by_label(record)
+    ran_on = {shard["node"] for shard in record["shards"].values()}
+    # Parts were written on both first nodes, and on the node that joined.
+    assert {node["node_a"], node["node_b"], node["node_c"]} <= ran_on
+    assert record["outcome"] == "complete" and record["lost_workers"] >= 1
+    events = " | ".join(event["event"] for event in record["events"])
+    assert "-1 worker on node" in events and "joined" in events, events
+    assert "-1 worker on node" in run.output and "shards given back" in run.output
+    assert_each_image_once(out, images)
+    assert len(record["shards"]) == 2400 // 16
+
+
+def test_a_shard_that_crashes_every_worker_ends_the_run_named(cluster, tmp_path):
+    images = make_images(tmp_path / "images", 60)
+    out = tmp_path / "out"
+    args = (str(images), "--out", str(out), "--shard-size", "6")
+    poison = "class_1/img_00031.jpg"  # the first of shard 5: folders are planned in order
+    cluster.crash_file.write_text(poison + "\n")
+    try:
+        with Extract(cluster, *args) as run:
+            assert run.finish() == 1, run.output
+    finally:
+        cluster.crash_file.unlink()
+    message = run.errors[-1]
+    assert "shard 5 failed on 3 different workers" in message, run.output
+    assert f"first inputs: {images / poison}, " in message, message  # where to look
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert run_record(out)["outcome"].startswith("failed: PoisonShardError")
+
+    # Without the fault, the same command finishes the run: each image once.
+    with Extract(cluster, *args) as again:
+        assert again.finish() == 0, again.output
+    assert_each_image_once(out, images)
+
+
+def test_a_worker_larger_than_every_node_fails_at_once_naming_the_nodes(cluster, tmp_path):
+    images = make_images(tmp_path / "images", 3)
+    args = (str(images), "--out", str(tmp_path / "out"), "--cpus-per-worker", "4")
+    with Extract(cluster, *args) as run:
+        assert run.finish(timeout=120) == 2, run.output  # a usage error, before any actor
+    message = run.errors[-1]
+    assert "no node of the Ray cluster can hold one worker of 4 CPU (nodes: " in message
+    assert message.count("(1 CPU, 0 GPU)") == 2 and "(0 CPU, 0 GPU)" in message
