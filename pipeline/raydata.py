@@ -273,7 +273,8 @@ class FC7Embedder:
             check_file_size(len(data), self.max_bytes)
         except InputReadError as err:
             return DecodedRow(None, str(err), sha256)
-        return decode_row(data, sha256, self.embedder, self.max_pixels, self.decode_slots)
+        return decode_row(data, sha256, self.embedder.preprocessing, self.max_pixels,
+                          self.embedder.decode_budget, self.decode_slots)
 
     def _decode_array(self, array: Any) -> DecodedRow:
         if not _is_image_array(array):

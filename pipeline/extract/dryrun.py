@@ -13,31 +13,27 @@ The plan itself is written as a run writes it, so the run that follows reuses it
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 
-from pipeline.decode import DecodeBudget, ImageDecodeError, decode_image
-from pipeline.errors import ArtifactError
+from pipeline.decode import DecodeBudget
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.layout import Node, Slot, cluster_nodes, local_nodes, worker_slots
-from pipeline.extract.plan import PART_NAME, Plan, plan_folder
+from pipeline.extract.plan import Plan, done_shards, open_inputs, plan_folder
 from pipeline.extract.runner import choose_runner, start_ray, stop_ray
-from pipeline.fs import is_uri, resolve
+from pipeline.extract.worker import decode_row, read_row
+from pipeline.fs import is_uri
 from pipeline.model import Embedder, Weights, resolve_device
-from pipeline.sources import InputReadError, read_image_bytes
 
 CALIBRATION_IMAGES = 32
 TOP_LABELS = 5
@@ -230,7 +226,7 @@ def plan_figures(plan: Plan, top: int = TOP_LABELS) -> PlanFigures:
         images += table.num_rows
         labels.add(table["label"])
         sizes.add(table["path"].to_pylist())
-    done = _done_shards(plan)
+    done = done_shards(plan)
     counted = labels.result()
     top_labels = counted.sort_by([("count", "descending"), ("label", "ascending")]).slice(0, top)
     return PlanFigures(
@@ -269,7 +265,7 @@ def sample_rows(plan: Plan, count: int = CALIBRATION_IMAGES, seed: int = 0) -> l
     """
     wanted = sorted(random.Random(seed).sample(range(plan.inputs), min(count, plan.inputs)))
     rows: list[dict] = []
-    with _inputs_file(plan) as parquet:
+    with open_inputs(plan) as parquet:
         start = 0
         for group in range(parquet.num_row_groups):
             end = start + parquet.metadata.row_group(group).num_rows
@@ -318,18 +314,20 @@ def calibrate(
     budget = DecodeBudget(config.decode_memory)
     precision = "fp32" if plan.provenance.precision == "int8" else plan.provenance.precision
 
+    decoders = max(1, threads - 1)
+    decode_slots = threading.BoundedSemaphore(decoders)
+
     def load(row: dict) -> tuple[torch.Tensor | None, str | None]:
-        try:
-            data = read_image_bytes(row["path"], config.max_bytes)
-            hashlib.sha256(data).hexdigest()  # every row's cost in a worker: keep it counted
-            return decode_image(data, preprocessing, config.max_pixels, budget)[0], None
-        except (InputReadError, ImageDecodeError) as err:
-            return None, str(err)
-        except (RuntimeError, MemoryError) as err:  # as the worker: this image fails, no more
-            return None, f"cannot decode: {type(err).__name__}: {err}"
+        # What a worker does with each row: read it, hash it, decode it.
+        data, read = read_row(row, config)
+        if data is None:
+            return None, read.error
+        decoded = decode_row(data, read.sha256, preprocessing, config.max_pixels, budget,
+                             decode_slots)
+        return decoded.tensor, decoded.error
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="fc7-dry-run") as pool:
+    with ThreadPoolExecutor(decoders, thread_name_prefix="fc7-dry-run") as pool:
         loaded = list(pool.map(load, rows))
     decode_seconds = time.perf_counter() - started
     tensors = [tensor for tensor, _ in loaded if tensor is not None]
@@ -452,35 +450,10 @@ class _Sizes:
                 self.not_regular += 1
 
 
-@contextmanager
-def _inputs_file(plan: Plan) -> Iterator[pq.ParquetFile]:
-    """The plan's inputs file, its page checksums verified as the workers verify them."""
-    fs, _ = resolve(plan.out)
-    try:
-        with fs.open_input_file(plan.inputs_file) as file:
-            yield pq.ParquetFile(file, page_checksum_verification=True)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise ArtifactError(
-            f"{plan.inputs_file}: cannot read the run's plan ({err}); plan again with "
-            "--overwrite (without --dry-run), or choose another --out"
-        ) from err
-
-
 def _row_groups(plan: Plan, columns: list[str]) -> Iterator[pa.Table]:
-    with _inputs_file(plan) as parquet:
+    with open_inputs(plan) as parquet:
         for group in range(parquet.num_row_groups):
             yield parquet.read_row_group(group, columns=columns)
-
-
-def _done_shards(plan: Plan) -> set[int]:
-    """Shards whose part file is in --out; unlike `pending_shards`, deletes nothing."""
-    fs, out = resolve(plan.out)
-    done = set()
-    for info in fs.get_file_info(pafs.FileSelector(out, allow_not_found=True)):
-        if info.type == pafs.FileType.File and (match := PART_NAME.fullmatch(info.base_name)):
-            if int(match.group(1)) < plan.shards:
-                done.add(int(match.group(1)))
-    return done
 
 
 def _labels_line(figures: PlanFigures) -> str:

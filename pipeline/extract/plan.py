@@ -13,6 +13,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -252,14 +253,39 @@ def run_record_name(started: str) -> str:
     return f"run-{started.replace(':', '').replace('-', '')}-{uuid.uuid4().hex[:6]}.json"
 
 
+@contextmanager
+def open_inputs(plan: Plan) -> Iterator[pq.ParquetFile]:
+    """The plan's `inputs.parquet` (one row group per shard), its page checksums verified.
+
+    Raises:
+        ArtifactError: the file cannot be read or fails its checksums.
+    """
+    fs, _ = resolve(plan.out)
+    try:
+        with fs.open_input_file(plan.inputs_file) as file:
+            yield pq.ParquetFile(file, page_checksum_verification=True)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise ArtifactError(
+            f"{plan.inputs_file}: cannot read the run's plan ({err}); plan again with "
+            "--overwrite, or choose another --out"
+        ) from err
+
+
+def done_shards(plan: Plan) -> set[int]:
+    """Shards whose part file is in the output; deletes nothing."""
+    fs, out = resolve(plan.out)
+    return {
+        int(match.group(1))
+        for info in _list(fs, out)
+        if info.type == pafs.FileType.File and (match := PART_NAME.fullmatch(info.base_name))
+        and int(match.group(1)) < plan.shards
+    }
+
+
 def pending_shards(plan: Plan) -> list[int]:
     """Shards whose part file is not there yet; also removes temporary files of killed runs."""
     remove_temporary_parts(plan)
-    fs, out = resolve(plan.out)
-    done = set()
-    for info in _list(fs, out):
-        if info.type == pafs.FileType.File and (match := PART_NAME.fullmatch(info.base_name)):
-            done.add(int(match.group(1)))
+    done = done_shards(plan)
     return [shard for shard in range(plan.shards) if shard not in done]
 
 

@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import pyarrow.parquet as pq
-
 from pipeline.errors import PipelineError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.layout import (
@@ -38,7 +36,13 @@ from pipeline.extract.layout import (
     spread,
     worker_slots,
 )
-from pipeline.extract.plan import PLAN_FOLDER, Plan, remove_temporary_parts, run_record_name
+from pipeline.extract.plan import (
+    PLAN_FOLDER,
+    Plan,
+    open_inputs,
+    remove_temporary_parts,
+    run_record_name,
+)
 from pipeline.extract.worker import ShardEmbedder, ShardStats
 from pipeline.fs import resolve
 
@@ -244,13 +248,13 @@ class ActorPool:
     # --- shards --------------------------------------------------------------------------
 
     def _submit(self, worker: _Worker) -> None:
-        shard = self._next_shard(worker)
+        shard = self._next_shard()
         if shard is not None:
             ref = worker.handle.__call__.remote(shard)
             self.in_flight[ref] = (worker.slot.key, shard)
             worker.running.append(ref)
 
-    def _next_shard(self, worker: _Worker) -> int | None:
+    def _next_shard(self) -> int | None:
         # A shard given back goes first (a worker it failed on is gone: see _lose).
         if self.retry:
             return self.retry.popleft()
@@ -309,9 +313,8 @@ class ActorPool:
     # --- what the run prints and records -------------------------------------------------
 
     def _first_inputs(self, shard: int, count: int = 3) -> list[str]:
-        fs, _ = resolve(self.plan.out)
-        with fs.open_input_file(self.plan.inputs_file) as file:
-            paths = pq.ParquetFile(file).read_row_group(shard, columns=["path"])
+        with open_inputs(self.plan) as inputs:
+            paths = inputs.read_row_group(shard, columns=["path"])
         return paths.column("path").to_pylist()[:count]
 
     def _where(self, worker: _Worker) -> str:

@@ -16,16 +16,15 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from pipeline.decode import ImageDecodeError, decode_image
+from pipeline.decode import DecodeBudget, ImageDecodeError, decode_image
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.plan import Plan, plan_folder
+from pipeline.extract.plan import Plan, open_inputs, plan_folder
 from pipeline.fs import is_uri, resolve
 from pipeline.gpu import GpuJpegDecoder
 from pipeline.model import Embedder, Weights
-from pipeline.provenance import LAYER_WIDTHS
+from pipeline.provenance import LAYER_WIDTHS, Preprocessing
 from pipeline.sources import (
     InputReadError,
     read_image_bytes,
@@ -64,7 +63,7 @@ class DecodedRow(NamedTuple):
     height: int | None = None
 
 
-def _read(item: dict, config: ExtractConfig) -> tuple[bytes | None, DecodedRow]:
+def read_row(item: dict, config: ExtractConfig) -> tuple[bytes | None, DecodedRow]:
     """The file's bytes and its row so far (sha256, or the read error)."""
     try:
         data = read_image_bytes(item["path"], config.max_bytes)
@@ -76,26 +75,26 @@ def _read(item: dict, config: ExtractConfig) -> tuple[bytes | None, DecodedRow]:
 def _load_and_decode(
     item: dict, embedder: Embedder, config: ExtractConfig, decode_slots: threading.Semaphore
 ) -> DecodedRow:
-    data, row = _read(item, config)
+    data, row = read_row(item, config)
     if data is None:
         return row
-    return decode_row(data, row.sha256, embedder, config.max_pixels, decode_slots)
+    return decode_row(data, row.sha256, embedder.preprocessing, config.max_pixels,
+                      embedder.decode_budget, decode_slots)
 
 
 def decode_row(
     data: bytes,
     sha256: str | None,
-    embedder: Embedder,
+    preprocessing: Preprocessing,
     max_pixels: int,
+    budget: DecodeBudget,
     decode_slots: threading.Semaphore,
 ) -> DecodedRow:
-    """One file's bytes decoded for `embedder`, or the reason they cannot be; never raises for
-    a bad file. Shared with `pipeline.raydata.FC7Embedder`."""
+    """One file's bytes decoded for the model, or the reason they cannot be; never raises for
+    a bad file. Shared with `pipeline.raydata.FC7Embedder` and the dry run's calibration."""
     try:
         with decode_slots:
-            tensor, width, height = decode_image(
-                data, embedder.preprocessing, max_pixels, embedder.decode_budget
-            )
+            tensor, width, height = decode_image(data, preprocessing, max_pixels, budget)
     except ImageDecodeError as err:
         return DecodedRow(None, str(err), sha256)
     except (RuntimeError, MemoryError) as err:
@@ -211,10 +210,8 @@ class ShardEmbedder:
 
     def __call__(self, shard: int) -> ShardStats:
         started = time.time()
-        fs, _ = resolve(self.plan.out)
-        with fs.open_input_file(self.plan.inputs_file) as file:
-            plan = pq.ParquetFile(file, page_checksum_verification=True)
-            rows = plan.read_row_group(shard).to_pylist()
+        with open_inputs(self.plan) as inputs:
+            rows = inputs.read_row_group(shard).to_pylist()
         _crash_if_named(rows)
         if self.gpu_decoder is not None:
             decoded = self._decoded_on_gpu(rows)
@@ -240,7 +237,7 @@ class ShardEmbedder:
             [result.width for result in results],
             [result.height for result in results],
         )
-        write_table_atomically(table, fs, self.plan.part_file(shard))
+        write_table_atomically(table, resolve(self.plan.out)[0], self.plan.part_file(shard))
         failures = [error for error in errors if error is not None]
         return ShardStats(
             seen=len(rows),
@@ -254,7 +251,7 @@ class ShardEmbedder:
     def _decoded_on_gpu(self, rows: list[dict]) -> Iterator[DecodedRow]:
         """The rows decoded by the GPU, a model batch of files at a time, while the read
         threads fetch the next files."""
-        reads = self.loader.map(lambda row: _read(row, self.config), rows)
+        reads = self.loader.map(lambda row: read_row(row, self.config), rows)
         pending: list[tuple[bytes | None, DecodedRow]] = []
         for position, read in enumerate(reads):
             pending.append(read)
