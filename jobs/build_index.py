@@ -1,6 +1,7 @@
 """`fc7 index EMBEDDINGS --out INDEX_DIR`: build (or `--add` to) a FAISS similarity index.
 
-Also runs as `ray job submit --working-dir . -- python jobs/build_index.py EMBEDDINGS --out DIR`.
+Also runs as `ray job submit --working-dir . -- python jobs/build_index.py EMBEDDINGS --out DIR`:
+there, IVF indexes of 1M rows or more are filled by Ray tasks across the cluster (--runner).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ L2 distance (l2, lower is more similar)."""
 EPILOG = """examples:
   fc7 index out/embeddings --out out/index
   fc7 index out/embeddings --out out/index --kind hnsw --pca 256
-  fc7 index out/more-embeddings --out out/index --add"""
+  fc7 index out/more-embeddings --out out/index --add
+  RAY_ADDRESS=auto fc7 index out/embeddings --out out/index --kind ivf-pq --runner ray
+  fc7 index out/embeddings --out out/index --max-memory 8GB"""
 
 
 def main(argv: list[str] | None = None) -> int:

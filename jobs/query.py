@@ -23,13 +23,14 @@ Scores: cosine similarity for a cosine index and inner product for an ip index
 (higher is more similar); squared L2 distance for an l2 index (lower is more similar)."""
 EPILOG = """examples:
   fc7 query out/index --image photos/cat.jpg -k 5
-  fc7 query out/index --id cats/cat1.jpg dogs/dog2.jpg --json"""
+  fc7 query out/index --id cats/cat1.jpg dogs/dog2.jpg --json
+  fc7 query big/index --id cats/cat1.jpg --mmap      # an IVF index larger than memory"""
 
 
 def main(argv: list[str] | None = None) -> int:
     """`fc7 query`: print the nearest items of each query as a table or JSON."""
     config = parse_config(QueryConfig, argv, "fc7 query", DESCRIPTION, EPILOG)
-    index = SimilarityIndex.open(config.index, device=config.device)
+    index = SimilarityIndex.open(config.index, device=config.device, mmap=config.mmap)
     if config.images:
         queries = config.images
         results = index.search_paths(config.images, config.k)
@@ -43,10 +44,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"ids look like {index.example_id()!r})"
             ) from None
     if config.as_json:
-        print(json.dumps([
-            {"query": query, "results": [asdict(match) for match in matches]}
-            for query, matches in zip(queries, results, strict=True)
-        ], indent=2))
+        print(
+            json.dumps(
+                [
+                    {"query": query, "results": [asdict(match) for match in matches]}
+                    for query, matches in zip(queries, results, strict=True)
+                ],
+                indent=2,
+            )
+        )
     else:
         print(format_table(queries, results, index.score_meaning))
     return 0

@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         allowed_hosts=allowed_hosts,
         decode_memory=config.decode_memory,
         request_timeout=config.request_timeout,
+        mmap=config.mmap,
     )
-    size = len(app.state.service.index)
+    index = app.state.service.index
+    mapped = " (memory-mapped, searched on the CPU)" if index.mmap else ""
     print(
-        f"fc7 serve: {size:,} items from {config.index_dir}; open "
+        f"fc7 serve: {len(index):,} items from {config.index_dir}{mapped}; open "
         f"http://{config.host}:{config.port}/ (API docs at /docs)",
         file=sys.stderr,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -29,6 +30,16 @@ LAYER_WIDTHS = {"fc7": 4096, "fc6": 4096, "pool5": 9216}
 Layer = Literal["fc7", "fc6", "pool5"]
 # Outputs of a ReLU (fc6, fc7) or of a max-pool over ReLUs (pool5): never negative.
 RELU_LAYERS = frozenset(LAYER_WIDTHS)
+
+
+# The int8 model's file name holds its sha256; here, not in `quantize` (which imports torch), so
+# that index and classifier folders can name it without loading torch.
+INT8_MODEL_NAME = re.compile(r"int8-[0-9a-f]{64}\.onnx")
+
+
+def int8_model_name(sha256: str) -> str:
+    """The file name of the int8 model with this sha256, wherever it is stored."""
+    return f"int8-{sha256}.onnx"
 
 
 def check_schema_version(found: Any, supported: int, where: str, fix: str) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -27,24 +26,18 @@ from torch import nn
 
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.fs import resolve
-from pipeline.provenance import Provenance
+from pipeline.provenance import Provenance, int8_model_name
 
 RUNTIME = "onnxruntime"
 # Bump when the export or quantisation recipe changes, so that cached models are rebuilt.
 RECIPE_VERSION = 1
 INPUT_NAME = "image"
-INT8_MODEL_NAME = re.compile(r"int8-[0-9a-f]{64}\.onnx")
 # The neighbours the gate compares: FC7 is searched by cosine.
 GATE_NEIGHBOURS = 10
 
 
 class QuantizationError(PipelineError):
     """The int8 model cannot be built, or is too far from fp32 on the user's images."""
-
-
-def int8_model_name(sha256: str) -> str:
-    """The file name of the int8 model with this sha256, wherever it is stored."""
-    return f"int8-{sha256}.onnx"
 
 
 def cache_folder() -> Path:

@@ -26,13 +26,16 @@ from pipeline.config import Device, JobConfig, option
 from pipeline.decode import DEFAULT_DECODE_MEMORY, ImageDecodeError
 from pipeline.errors import ArtifactError, ConfigError, ProvenanceMismatch, SourceError
 from pipeline.index.faiss_env import SCORES, faiss, normalize, parts, scores, to_gpu
-from pipeline.index.format import LoadedIndex, load_index
+from pipeline.index.format import INDEX_FILE, LoadedIndex, load_index
 from pipeline.model import Embedder
 from pipeline.provenance import Provenance
+from pipeline.resources import available_memory
 from pipeline.store import EmbeddingDataset, embeddings_to_numpy
 
 # Images embedded per model call when a query holds many images.
 EMBED_BATCH = 32
+# `mmap=None` maps an index file larger than this fraction of the memory available now.
+MMAP_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -60,20 +63,29 @@ class SimilarityIndex:
         device: str = "auto",
         decode_memory: int = DEFAULT_DECODE_MEMORY,
     ):
-        """Wrap a loaded index; see `open`, which most callers want."""
+        """Wrap a loaded index; see `open`, which most callers want.
+
+        A memory-mapped index (`loaded.mmap`) is searched on the CPU whatever `device` says
+        (which still places the model): copying it to a GPU would read all of it.
+        """
         device = _device(device)
         self._loaded = loaded
+        self._id_map = loaded.id_map
         self.manifest: dict[str, Any] = loaded.manifest
         self.provenance: Provenance = loaded.provenance
         self.metric: str = loaded.manifest["metric"]
         self.dim: int = int(loaded.manifest["dim"])
-        self._positions = {item: position for position, item in enumerate(loaded.ids)}
+        self.mmap: bool = loaded.mmap
         self._cpu = loaded.index
-        for part in parts(self._cpu):
-            if isinstance(part, faiss.IndexIVF) and not isinstance(part, _FAST_SCAN):
-                part.make_direct_map()  # lets search_ids reconstruct stored vectors
-        self._gpu = to_gpu(self._cpu) if device in ("auto", "cuda") else None
-        if device == "cuda" and self._gpu is None:
+        if not self.mmap:
+            # A direct map reads every list's ids into memory: a mapped index does without,
+            # and search_ids re-reads its stored vectors from the source embeddings instead.
+            for part in parts(self._cpu):
+                if isinstance(part, faiss.IndexIVF) and not isinstance(part, _FAST_SCAN):
+                    part.make_direct_map()  # lets search_ids reconstruct stored vectors
+        on_gpu = device in ("auto", "cuda") and not self.mmap
+        self._gpu = to_gpu(self._cpu) if on_gpu else None
+        if device == "cuda" and self._gpu is None and not self.mmap:
             raise ConfigError(
                 f"--device cuda: FAISS has no GPU here for {self.manifest['factory']}"
             )
@@ -90,6 +102,7 @@ class SimilarityIndex:
         index_dir: str | Path,
         device: str = "auto",
         decode_memory: int = DEFAULT_DECODE_MEMORY,
+        mmap: bool | None = None,
     ) -> SimilarityIndex:
         """Open an index folder built by `fc7 index`.
 
@@ -97,15 +110,29 @@ class SimilarityIndex:
             index_dir: the folder.
             device: `auto` (a GPU when FAISS has one), `cpu` or `cuda` (`gpu` is an alias).
             decode_memory: bytes the decodes of image queries may hold at once.
+            mmap: memory-map the index file (inverted lists, flat and refine codes) instead
+                of reading it, so that an index larger than memory can be searched: pages are
+                read as queries touch them. A mapped index is searched on the CPU, and an id
+                query on an IVF index re-reads its item's vector from the source embeddings.
+                None (the default) maps the index when its file is larger than a quarter of
+                the memory available now.
 
         Raises:
             ArtifactError: the folder is missing, corrupt or inconsistent.
-            ConfigError: an unknown device, or `cuda` where FAISS has no GPU.
+            ConfigError: an unknown device, or `cuda` where FAISS has no GPU (and the index is
+                not mapped).
+
+        Example:
+            >>> index = SimilarityIndex.open("out/index", mmap=True)  # doctest: +SKIP
+            >>> index.mmap
+            True
         """
-        return cls(load_index(index_dir), device, decode_memory)
+        if mmap is None:
+            mmap = _index_bytes(Path(index_dir)) > MMAP_FRACTION * available_memory()
+        return cls(load_index(index_dir, mmap=mmap), device, decode_memory)
 
     def __len__(self) -> int:
-        return len(self._loaded.ids)
+        return len(self._id_map)
 
     @property
     def score_meaning(self) -> str:
@@ -114,7 +141,7 @@ class SimilarityIndex:
 
     def example_id(self) -> str | None:
         """An id in the index (the first), to show what ids look like; None when empty."""
-        return self._loaded.ids[0] if self._loaded.ids else None
+        return self._id_map.rows([0])[0][0] if len(self) else None
 
     def item(self, id: str) -> Match:
         """The indexed item `id` (score 0.0).
@@ -122,7 +149,8 @@ class SimilarityIndex:
         Raises:
             KeyError: no such id in the index.
         """
-        return self._match(self._position(id), 0.0)
+        item, path, label = self._id_map.rows([self._id_map.position(id)])[0]
+        return Match(item, path, label, 0.0)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Match]]:
         """The `k` nearest indexed items of each row of `vectors` (shape (n, dim) or (dim,)).
@@ -141,7 +169,7 @@ class SimilarityIndex:
         if self.metric == "cosine":
             vectors = normalize(vectors)
         values, positions = self._search(self._cpu, vectors, k)
-        return [self._matches(s, p, k) for s, p in zip(values, positions, strict=True)]
+        return [self._matches(s[:k], p[:k]) for s, p in zip(values, positions, strict=True)]
 
     def search_ids(
         self, ids: list[str], k: int = 10, include_self: bool = False
@@ -153,18 +181,16 @@ class SimilarityIndex:
         Raises:
             KeyError: an id not in the index (the error names it).
         """
-        positions = np.array([self._position(item) for item in ids], dtype=np.int64)
+        positions = self._id_map.positions(ids)
+        if (positions < 0).any():
+            raise KeyError(ids[int(np.flatnonzero(positions < 0)[0])])
         vectors, searched = self._stored_vectors(positions)
         extra = 0 if include_self else 1
         values, found = self._search(searched, vectors, k + extra)
         results = []
         for own, row_scores, row_positions in zip(positions, values, found, strict=True):
-            keep = [
-                (s, p)
-                for s, p in zip(row_scores, row_positions, strict=True)
-                if include_self or p != own
-            ][:k]
-            results.append([self._match(int(p), float(s)) for s, p in keep if p >= 0])
+            keep = np.flatnonzero(include_self | (row_positions != own))[:k]
+            results.append(self._matches(row_scores[keep], row_positions[keep]))
         return results
 
     def search_images(
@@ -227,21 +253,13 @@ class SimilarityIndex:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _position(self, item: str) -> int:
-        try:
-            return self._positions[item]
-        except KeyError:
-            raise KeyError(item) from None
-
-    def _match(self, position: int, score: float) -> Match:
-        loaded = self._loaded
-        return Match(loaded.ids[position], loaded.paths[position], loaded.labels[position], score)
-
-    def _matches(self, scores: np.ndarray, positions: np.ndarray, k: int) -> list[Match]:
+    def _matches(self, scores: np.ndarray, positions: np.ndarray) -> list[Match]:
+        """The results of one query: its rows of the id map fetched in one call."""
+        found = positions >= 0  # FAISS pads with -1 when it finds fewer than k
+        rows = self._id_map.rows(positions[found])
         return [
-            self._match(int(p), float(s))
-            for s, p in zip(scores[:k], positions[:k], strict=True)
-            if p >= 0
+            Match(item, path, label, float(score))
+            for (item, path, label), score in zip(rows, scores[found], strict=True)
         ]
 
     def _search(self, index: Any, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +294,7 @@ class SimilarityIndex:
         return self._reread(positions), self._cpu
 
     def _reread(self, positions: np.ndarray) -> np.ndarray:
-        wanted = [self._loaded.ids[p] for p in positions]
+        wanted = [item for item, _, _ in self._id_map.rows(positions)]
         found: dict[str, np.ndarray] = {}
         for source in self.manifest.get("sources", []):
             try:
@@ -302,6 +320,14 @@ class SimilarityIndex:
             raise ArtifactError(f"ids {missing[:3]} are no longer in the index's source embeddings")
         vectors = np.stack([found[item] for item in wanted])
         return normalize(vectors) if self.metric == "cosine" else vectors
+
+
+def _index_bytes(folder: Path) -> int:
+    """The size of the folder's FAISS file; 0 when it is missing (`load_index` says so)."""
+    try:
+        return (folder / INDEX_FILE).stat().st_size
+    except OSError:
+        return 0
 
 
 # FAISS 1.15 crashes (segfault) reconstructing from fast-scan PQ codes instead of raising.
@@ -331,6 +357,14 @@ def _device(device: str) -> str:
         raise ConfigError(f"--device {device}: must be auto, cpu or cuda (gpu)") from None
 
 
+# The help of `--mmap` in `fc7 query` and `fc7 serve`.
+MMAP_HELP = (
+    "memory-map the index file (lists and codes) instead of reading it, and search on "
+    "the CPU; when not given, only an index larger than a quarter of the available memory is "
+    "mapped (`mmap: false` in --config: never)"
+)
+
+
 class QueryConfig(JobConfig):
     """Options of `fc7 query` (`jobs/query.py`)."""
 
@@ -353,6 +387,7 @@ class QueryConfig(JobConfig):
         "auto",
         "where to search and embed: auto (GPU when FAISS has one), cpu or cuda (gpu is an alias)",
     )
+    mmap: bool | None = option(None, MMAP_HELP)
 
     @model_validator(mode="after")
     def _one_kind_of_query(self) -> QueryConfig:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -29,8 +29,9 @@ from pipeline.index.faiss_env import (
     openblas_coretype,
     set_search_params,
 )
-from pipeline.index.format import IDS_FILE, IDS_METADATA_KEY, INDEX_FILE, MANIFEST_FILE
-from pipeline.index.tune import exact_neighbours, recall_at_k
+from pipeline.index.format import INDEX_FILE, MANIFEST_FILE
+from pipeline.index.idmap import IDS_FILE, IDS_METADATA_KEY
+from pipeline.index.tune import ExactSearch, recall_at_k
 from pipeline.provenance import file_sha256
 from pipeline.search import SimilarityIndex
 from pipeline.store import EmbeddingDataset
@@ -123,15 +124,22 @@ def test_tuning_stops_at_the_cheapest_setting_reaching_the_target(clustered, tmp
     assert all(t["recall_at_10"] < 0.99 for t in tight["tuning"][:-1])
 
 
-def test_exact_neighbours_keep_the_exact_top_k_across_batches() -> None:
+def test_exact_search_keeps_the_exact_top_k_across_batches_and_processes() -> None:
     rng = np.random.default_rng(0)
     base = rng.normal(size=(1000, 16)).astype(np.float32)
     queries = rng.normal(size=(20, 16)).astype(np.float32)
     for metric in ("ip", "l2"):
-        batches = (base[start : start + 128] for start in range(0, 1000, 128))
-        found = exact_neighbours(queries, batches, metric, k=11)
         _, expected = exact_top_k(base, queries, metric, k=11)
-        np.testing.assert_array_equal(found, expected)
+        oracle = ExactSearch(queries, metric, k=11)
+        for start in range(0, 1000, 128):
+            oracle.add(base[start : start + 128], start)
+        np.testing.assert_array_equal(oracle.positions(), expected)
+        # Two halves ranked apart (as Ray tasks do), then merged: the same top-k.
+        first, second = ExactSearch(queries, metric, 11), ExactSearch(queries, metric, 11)
+        first.add(base[:600], 0)
+        second.add(base[600:], 600)
+        first.merge(*second.results())
+        np.testing.assert_array_equal(first.positions(), expected)
 
 
 def test_recorded_recall_of_every_setting_tried_matches_an_exact_oracle(tmp_path: Path) -> None:
@@ -301,8 +309,9 @@ def test_unreadable_index_file_is_named_even_when_the_manifest_agrees(small_inde
     [
         ({"count": 299}, "holds 300 vectors"),
         ({"dim": 32}, "dimension disagrees"),
-        ({"schema_version": 99}, "written by a newer fc7 .schema 99, this one reads 1."),
+        ({"schema_version": 99}, "written by a newer fc7 .schema 99, this one reads 2."),
         ({"schema_version": "1"}, "no valid schema version"),
+        ({"schema_version": 1}, "written by an older fc7 .schema 1"),
         ({"format": "other"}, "not an fc7 index manifest"),
     ],
 )
@@ -318,7 +327,7 @@ def test_missing_folder_and_files(tmp_path: Path, small_index: Path) -> None:
     with pytest.raises(ArtifactError, match="no such index folder"):
         load_index(tmp_path / "nowhere")
     (small_index / IDS_FILE).unlink()
-    with pytest.raises(ArtifactError, match=r"ids\.parquet: missing"):
+    with pytest.raises(ArtifactError, match=r"ids\.arrow: missing"):
         load_index(small_index)
 
 
@@ -464,32 +473,33 @@ def test_manifest_metric_must_match_the_faiss_metric(tmp_path, built, written, f
 
 def rewrite_ids(index_dir: Path, metadata: dict[bytes, bytes]) -> None:
     path = index_dir / IDS_FILE
-    table = pq.read_table(path)
-    pq.write_table(table.replace_schema_metadata(metadata), path)
+    with pa.OSFile(str(path)) as source:  # read, not mapped: the file is rewritten below
+        table = pa.ipc.open_file(source).read_all()
+    table = table.replace_schema_metadata(metadata)
+    with pa.ipc.new_file(str(path), table.schema) as writer:
+        writer.write_table(table)
     update_sha(index_dir, IDS_FILE)
 
 
-def test_the_id_map_schema_version_is_checked(small_index: Path) -> None:
-    metadata = pq.read_schema(small_index / IDS_FILE).metadata
-    assert json.loads(metadata[IDS_METADATA_KEY]) == {"schema_version": 1, "count": 300}
-    rewrite_ids(small_index, metadata)  # as written by the previous release: still loads
+def test_the_id_map_version_is_checked(small_index: Path) -> None:
+    with pa.memory_map(str(small_index / IDS_FILE)) as source:
+        metadata = pa.ipc.open_file(source).schema.metadata
+    assert json.loads(metadata[IDS_METADATA_KEY]) == {"id_map_version": 1}
+    rewrite_ids(small_index, metadata)  # rewritten as it was: still loads
     assert load_index(small_index).manifest["count"] == 300
-    newer = {**metadata, IDS_METADATA_KEY: b'{"schema_version": 2, "count": 300}'}
-    rewrite_ids(small_index, newer)
-    with pytest.raises(ArtifactError, match=r"ids\.parquet \(id map\): written by a newer fc7"):
+    rewrite_ids(small_index, {**metadata, IDS_METADATA_KEY: b'{"id_map_version": 2}'})
+    with pytest.raises(ArtifactError, match=r"ids\.arrow \(id map\): written by a newer fc7"):
         load_index(small_index)
     rewrite_ids(small_index, {k: v for k, v in metadata.items() if k != IDS_METADATA_KEY})
-    with pytest.raises(ArtifactError, match=r"ids\.parquet: not an fc7 id map"):
+    with pytest.raises(ArtifactError, match=r"ids\.arrow: not an fc7 id map"):
         load_index(small_index)
 
 
-def test_a_damaged_id_map_fails_its_page_checksum(small_index: Path) -> None:
+def test_a_damaged_id_map_is_named(small_index: Path) -> None:
     path = small_index / IDS_FILE
-    chunk = pq.ParquetFile(path).metadata.row_group(0).column(2)  # the paths
-    end = (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size
     data = bytearray(path.read_bytes())
-    data[end - 5] ^= 0xFF  # inside the last page's data, past its header
+    data[-12:-6] = b"\xff" * 6  # the footer's length
     path.write_bytes(bytes(data))
     update_sha(small_index, IDS_FILE)
-    with pytest.raises(ArtifactError, match=rf"^{path}: damaged .*checksum"):
+    with pytest.raises(ArtifactError, match="unreadable id map"):
         load_index(small_index)

@@ -47,6 +47,11 @@ def test_ray_job_submit_runs_extract_index_and_train_on_a_started_head(tmp_path)
         assert pq.read_table(out).num_rows == 12
         submit("jobs/build_index.py", str(out), "--out", str(tmp_path / "index"))
         assert SimilarityIndex.open(tmp_path / "index").manifest["count"] == 12
+        # An IVF index filled by Ray tasks on the cluster's worker node.
+        logs = submit("jobs/build_index.py", str(out), "--out", str(tmp_path / "ivf"),
+                      "--kind", "ivf-flat", "--runner", "ray")
+        assert "vectors added by Ray tasks" in logs
+        assert SimilarityIndex.open(tmp_path / "ivf").manifest["runner"] == "ray"
         submit("jobs/train_classifier.py", str(out), "--out", str(tmp_path / "classifier"),
                "--test-size", "0.34")
         assert Classifier.load(tmp_path / "classifier").classes == [

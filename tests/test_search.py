@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -202,12 +203,17 @@ def test_reread_vectors_are_checked_like_every_read(tmp_path: Path, capsys) -> N
     assert error.startswith(f"fc7 query: error: {part}: damaged") and "\n" not in error
 
 
-def test_a_position_beyond_the_id_map_is_an_error_not_a_dropped_result(indexed) -> None:
+def test_a_position_beyond_the_id_map_is_an_error_not_a_dropped_result(indexed, tmp_path) -> None:
+    # A FAISS index holding more vectors than its id map has rows (load_index refuses such a
+    # folder; here the two come from different folders): search must not drop the extra hits.
+    x = indexed[1]
+    write_embeddings(tmp_path / "emb", x[:5])
+    build(tmp_path / "emb", tmp_path / "small", kind="flat")
     loaded = load_index(indexed[0])
-    loaded.ids, loaded.paths, loaded.labels = loaded.ids[:5], loaded.paths[:5], loaded.labels[:5]
-    index = SimilarityIndex(loaded, device="cpu")
+    damaged = replace(loaded, id_map=load_index(tmp_path / "small").id_map)
+    index = SimilarityIndex(damaged, device="cpu")
     with pytest.raises(ArtifactError, match="beyond its 5 ids; the index is corrupt"):
-        index.search_vectors(indexed[1][700], k=3)
+        index.search_vectors(x[700], k=3)
 
 
 def test_devices_are_auto_cpu_or_cuda_with_gpu_as_an_alias(indexed) -> None:
@@ -229,7 +235,132 @@ def test_the_query_api_does_not_load_the_build_code() -> None:
         "assert not {'pipeline.index.build', 'pipeline.index.tune', 'pipeline.index.plan'} "
         "& set(loaded), loaded"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "pipeline.index.format" in done.stdout  # the check ran on what search does import
+
+
+# --- memory-mapped indexes -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ivf_indexes(tmp_path_factory) -> tuple[dict[str, Path], np.ndarray]:
+    """IVF-Flat and IVF-PQ indexes over 3,000 clustered vectors."""
+    root = tmp_path_factory.mktemp("ivf")
+    x, labels = clustered_vectors(3000, DIM, seed=13)
+    write_embeddings(root / "emb", x, labels=[f"class_{c}" for c in labels], shards=3)
+    folders = {}
+    for kind in ("ivf-flat", "ivf-pq"):
+        build(root / "emb", root / kind, kind=kind, eval_queries=200)
+        folders[kind] = root / kind
+    return folders, x
+
+
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-pq"])
+def test_a_memory_mapped_index_answers_like_one_in_memory(ivf_indexes, kind) -> None:
+    folders, x = ivf_indexes
+    mapped = SimilarityIndex.open(folders[kind], device="cpu", mmap=True)
+    read = SimilarityIndex.open(folders[kind], device="cpu", mmap=False)
+    assert (mapped.mmap, read.mmap) == (True, False)
+    assert len(mapped) == len(read) == 3000
+    assert mapped.item("img_000123.jpg") == read.item("img_000123.jpg")
+    queries = x[::150] + 0.05
+    assert mapped.search_vectors(queries, k=10) == read.search_vectors(queries, k=10)
+    # A mapped IVF index keeps no direct map: its id queries re-read the source embeddings.
+    ids = [f"img_{i:06d}.jpg" for i in range(0, 3000, 250)]
+    by_mapped = mapped.search_ids(ids, k=10)
+    by_read = read.search_ids(ids, k=10)
+    assert [[m.id for m in ms] for ms in by_mapped] == [[m.id for m in ms] for ms in by_read]
+    np.testing.assert_allclose(
+        [[m.score for m in ms] for ms in by_mapped],
+        [[m.score for m in ms] for ms in by_read],
+        atol=1e-6,
+    )
+    with pytest.raises(KeyError, match="nope.jpg"):
+        mapped.search_ids([ids[0], "nope.jpg"])
+
+
+def test_mmap_by_default_only_when_the_index_is_large_for_this_machine(
+    ivf_indexes, monkeypatch
+) -> None:
+    folder = ivf_indexes[0]["ivf-flat"]
+    size = (folder / "index.faiss").stat().st_size
+    monkeypatch.setattr("pipeline.search.available_memory", lambda: 4 * size - 1)
+    assert SimilarityIndex.open(folder, device="cpu").mmap is True
+    assert SimilarityIndex.open(folder, device="cpu", mmap=False).mmap is False
+    monkeypatch.setattr("pipeline.search.available_memory", lambda: 4 * size + 1)
+    assert SimilarityIndex.open(folder, device="cpu").mmap is False
+    assert SimilarityIndex.open(folder, device="cpu", mmap=True).mmap is True
+
+
+def test_query_cli_mmap_prints_what_the_index_in_memory_prints(
+    ivf_indexes, tmp_path, capsys
+) -> None:
+    folder = str(ivf_indexes[0]["ivf-flat"])
+    query = ["query", folder, "--id", "img_000007.jpg", "img_002999.jpg", "-k", "5", "--json"]
+    assert fc7([*query, "--mmap"]) == 0
+    mapped = json.loads(capsys.readouterr().out)
+    (tmp_path / "query.yaml").write_text("mmap: false\n")  # the way to refuse mapping
+    assert fc7([*query, "--config", str(tmp_path / "query.yaml")]) == 0
+    assert json.loads(capsys.readouterr().out) == mapped
+    assert [len(entry["results"]) for entry in mapped] == [5, 5]
+    with pytest.raises(SystemExit):
+        fc7(["query", "--help"])
+    assert "--mmap" in capsys.readouterr().out
+
+
+# Opens an index in a fresh interpreter, so that memory the tests took before does not count,
+# and prints how much anonymous (not file-backed) memory the open and one search took.
+RSS_PROBE = """
+import sys
+import numpy as np
+from pipeline.search import SimilarityIndex
+
+def anon():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+before = anon()
+index = SimilarityIndex.open(sys.argv[1], device="cpu", mmap=sys.argv[2] == "mmap")
+index.search_vectors(np.ones((4, index.dim), np.float32), k=10)
+print(anon() - before, index.mmap)
+"""
+
+
+@pytest.fixture(scope="module")
+def large_ivf_flat(tmp_path_factory) -> Path:
+    """An IVF-Flat index of 50,000 x 256 float32 vectors: a ~52 MB index.faiss."""
+    root = tmp_path_factory.mktemp("large")
+    x, _ = clustered_vectors(50_000, 256, seed=14)
+    write_embeddings(root / "emb", x, shards=2)
+    build(root / "emb", root / "index", kind="ivf-flat", eval_queries=200, train_sample=20_000)
+    return root / "index"
+
+
+def _anon_growth(folder: Path, mode: str) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, str(folder), mode],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    growth, mapped = done.stdout.split()
+    assert mapped == str(mode == "mmap")
+    return int(growth)
+
+
+def test_a_memory_mapped_index_is_not_read_into_memory(large_ivf_flat) -> None:
+    size = (large_ivf_flat / "index.faiss").stat().st_size
+    assert size > 50_000_000
+    mapped = _anon_growth(large_ivf_flat, "mmap")
+    read = _anon_growth(large_ivf_flat, "read")
+    assert mapped < 0.25 * size, (mapped, size)
+    assert read >= 0.9 * size, (read, size)  # the probe sees what reading the index costs

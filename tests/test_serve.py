@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from conftest import (
     EPS_BYTES,
+    clustered_vectors,
     jpeg_bytes,
     test_provenance,
     write_embeddings,
@@ -132,6 +133,7 @@ def oracle(built: dict, query: np.ndarray, metric: str) -> tuple[list[str], np.n
 def test_health_and_info_describe_the_index(client: TestClient, built: dict) -> None:
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["items"] == CLASSES * PER_CLASS
+    assert health["mmap"] is False  # a small index is read into memory unless --mmap
     info = client.get("/info").json()
     assert info["size"] == CLASSES * PER_CLASS
     manifest = json.loads((built["index"] / "manifest.json").read_text())
@@ -184,6 +186,31 @@ def test_paging_returns_slices_of_the_full_ranking(client: TestClient, built: di
     # Asking past the end of the index returns what there is, not an error.
     tail = client.get("/search", params={"id": first, "k": 50, "offset": 10}).json()
     assert len(tail["results"]) == CLASSES * PER_CLASS - 1 - 10
+
+
+def test_a_memory_mapped_ivf_index_serves_what_it_serves_from_memory(tmp_path: Path) -> None:
+    # Id queries only: generated vectors have no model. A mapped IVF index keeps no direct map,
+    # so its id queries re-read the item's vector from the source embeddings.
+    x, labels = clustered_vectors(1500, 32, seed=21)
+    embeddings = write_embeddings(tmp_path / "embeddings", x, labels=[str(c) for c in labels])
+    index = str(tmp_path / "index")
+    assert build_index([str(embeddings), "--out", index, "--kind", "ivf-flat"]) == 0
+    mapped = local(create_app(index, device="cpu", mmap=True))
+    read = local(create_app(index, device="cpu", mmap=False))
+    assert mapped.get("/health").json()["mmap"] is True
+    assert read.get("/health").json()["mmap"] is False
+    for row in range(0, 1500, 100):
+        params = {"id": f"img_{row:06d}.jpg", "k": 8, "offset": 2}
+        by_mapped = mapped.get("/search", params=params).json()
+        by_read = read.get("/search", params=params).json()
+        assert [r["id"] for r in by_mapped["results"]] == [r["id"] for r in by_read["results"]]
+        np.testing.assert_allclose(
+            [r["score"] for r in by_mapped["results"]],
+            [r["score"] for r in by_read["results"]],
+            atol=1e-6,
+        )
+        assert by_mapped["query"] == by_read["query"]
+    assert mapped.get("/search", params={"id": "nope.jpg"}).status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -917,7 +944,13 @@ def test_cli_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
         "(default: 100)",
     ):
         assert expected in text
-    for flag in ("--allowed-hosts", "--decode-memory", "--request-timeout", "--max-connections"):
+    for flag in (
+        "--allowed-hosts",
+        "--decode-memory",
+        "--request-timeout",
+        "--max-connections",
+        "--mmap",
+    ):
         assert flag in text
 
 
@@ -941,6 +974,7 @@ def test_fc7_serve_command_serves_the_index_on_loopback(built: dict) -> None:
         "127.0.0.1,search.example.org",
         "--decode-memory",
         "1MiB",
+        "--mmap",
     ]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
@@ -954,6 +988,7 @@ def test_fc7_serve_command_serves_the_index_on_loopback(built: dict) -> None:
                 assert time.monotonic() < deadline, "fc7 serve did not start"
                 time.sleep(0.2)
         assert health.json()["items"] == CLASSES * PER_CLASS
+        assert health.json()["mmap"] is True
         item = httpx.get(f"http://127.0.0.1:{port}/items/{built['ids'][0]}").json()
         assert item["path"] == built["paths"][0]
         url = f"http://127.0.0.1:{port}/info"
@@ -964,6 +999,7 @@ def test_fc7_serve_command_serves_the_index_on_loopback(built: dict) -> None:
         server.terminate()
         _, stderr = server.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}/" in stderr
+    assert "(memory-mapped, searched on the CPU)" in stderr
 
 
 def test_cli_refuses_bad_options_and_missing_index(tmp_path: Path) -> None:

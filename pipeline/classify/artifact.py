@@ -32,8 +32,13 @@ from pipeline import __version__
 from pipeline.classify.estimators import class_scores, score_kind, top_k
 from pipeline.errors import ArtifactError, ConfigError, OutputError
 from pipeline.fs import resolve
-from pipeline.provenance import Provenance, check_schema_version, file_sha256
-from pipeline.quantize import INT8_MODEL_NAME, int8_model_name
+from pipeline.provenance import (
+    INT8_MODEL_NAME,
+    Provenance,
+    check_schema_version,
+    file_sha256,
+    int8_model_name,
+)
 from pipeline.store import describe_entries, foreign_entries
 
 SCHEMA_VERSION = 1

@@ -27,8 +27,7 @@ from pipeline.errors import (
 )
 from pipeline.extract.config import ExtractConfig
 from pipeline.fs import resolve, uri_builder
-from pipeline.provenance import PARQUET_METADATA_KEY, Provenance
-from pipeline.quantize import INT8_MODEL_NAME
+from pipeline.provenance import INT8_MODEL_NAME, PARQUET_METADATA_KEY, Provenance
 from pipeline.sources import (
     IMAGE_EXTENSIONS,
     InputImage,

@@ -39,9 +39,12 @@ def summary(stats: ShardStats, plan: Plan, seconds: float, skipped_shards: int) 
     return "\n".join(lines)
 
 
-def start_ray() -> bool:
+def start_ray(object_store_memory: int | None = None) -> bool:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray of our
     own; returns whether this call started one (then `stop_ray` stops it).
+
+    `object_store_memory` sizes the object store of a local Ray (default: Ray's, 30% of the
+    memory); objects beyond it are spilled to disk. A cluster's is set by `ray start`.
 
     Never joins a Ray that `ray start` left on this machine unless RAY_ADDRESS says so: that
     one runs in another Python environment, and when its head is dead `ray.init` waits forever.
@@ -64,6 +67,7 @@ def start_ray() -> bool:
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     ray.init(
         address="local",
+        object_store_memory=object_store_memory,
         runtime_env={"env_vars": {"PYTHONPATH": path}},
         include_dashboard=False,
         logging_level="WARNING",

@@ -8,8 +8,13 @@ Modules, in the order a build uses them:
 - `config`: `IndexConfig`, the options of `fc7 index`.
 - `plan`: `plan_index`, which FAISS factory string for a size, dimension and memory budget.
 - `tune`: the exact oracle, recall@10, and tuning nprobe / efSearch / k_factor to a target.
-- `format`: the index folder on disk: `write_index_dir`, `load_index` (which checks it).
+- `idmap`: the id map on disk (memory-mapped Arrow + sorted id hashes), repeated ids found in
+  bounded memory.
 - `verify`: the structure checks `load_index` runs on the FAISS file (metric, lists, graph).
+- `format`: the index folder on disk: `write_index_dir`, `load_index` (which checks it).
+- `encode`: which rows are indexed (`write_id_map`), filling a trained index with a range of
+  shards (`encode_range`), and merging filled parts in order (`merge_into`).
+- `distributed`: the same filling done by Ray tasks (`--runner ray`).
 - `build`: `build_index` and `add_to_index` (`--add`).
 - `report`: `summary`, the text the job prints.
 

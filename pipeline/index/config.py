@@ -33,8 +33,9 @@ class IndexConfig(JobConfig):
     whiten: bool = option(False, "whiten the PCA output")
     max_memory: Size | None = option(
         None,
-        "memory budget for the index that --kind auto respects, e.g. 4GB; none means half the "
-        "memory available now",
+        "memory budget of the build, e.g. 8GB: --kind auto fits the index in what the training "
+        "sample and batches leave, and other kinds are refused when they cannot fit; none "
+        "means half the memory available now for the index",
         metavar="SIZE",
     )
     train_sample: PositiveInt = option(
@@ -49,6 +50,15 @@ class IndexConfig(JobConfig):
     batch_size: PositiveInt = option(8192, "rows read per batch", metavar="N")
     device: Device = option(
         "auto", "auto (GPU when FAISS has one), cpu or cuda (gpu is an alias)"
+    )
+    runner: Literal["auto", "local", "ray"] = option(
+        "auto",
+        "where IVF indexes are filled: local (this process), ray (tasks on the Ray cluster in "
+        "RAY_ADDRESS, or a local Ray), auto (ray when RAY_ADDRESS is set and there are at "
+        "least 1M rows)",
+    )
+    cpus_per_task: PositiveInt = option(
+        1, "CPUs of each Ray task that fills a range of shards (--runner ray)", metavar="N"
     )
     seed: int = option(0, "seed of the training and query samples")
     add: bool = option(False, "append rows whose ids are not yet in --out, without retraining")

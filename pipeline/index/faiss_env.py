@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.errors import ArtifactError
 
 __all__ = [
-    "BLAS_NOTE", "SCORES", "faiss", "faiss_message", "gpu_count", "knn_ground_truth",
+    "BLAS_NOTE", "SCORES", "faiss", "faiss_message", "gpu_count",
     "metric_type", "normalize", "openblas_coretype", "parts", "scores", "set_search_params",
     "to_gpu", "tunable_parameters",
 ]
@@ -72,7 +72,6 @@ if BLAS_NOTE:
     log.info(BLAS_NOTE)
 
 import faiss  # noqa: E402  (after OPENBLAS_CORETYPE is set)
-from faiss.contrib.exhaustive_search import knn_ground_truth  # noqa: E402
 
 SCORES = {
     "cosine": "cosine similarity (higher is more similar)",

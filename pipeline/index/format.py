@@ -1,15 +1,20 @@
 """The index folder on disk: writing it atomically, and reading it back checked.
 
-An index folder holds three files that must agree, and `load_index` checks that they do:
+An index folder holds four files that must agree, and `load_index` checks that they do:
 - `index.faiss`: the FAISS index (vectors L2-normalised first when the metric is cosine);
-- `ids.parquet`: FAISS position -> id, path, label, provenance in its schema metadata;
+- `ids.arrow` and `ids.lookup.npy`: the id map (`idmap`): position -> id, path, label, and
+  id -> position, memory-mapped; provenance in the Arrow schema's metadata;
 - `manifest.json`: kind, factory string, metric, PCA, count, dim, tuned search parameters,
   recall@10 against exact search, latency, the embeddings' provenance, the source datasets'
-  fingerprints and the sha256 of the other two files (so a corrupt file is named, not used).
+  fingerprints and the sha256 of the other files (so a corrupt file is named, not used).
 
+A build writes the id map into a staging folder first (`staging_folder`), while it reads the
+embeddings, and `write_index_dir` adds the index and manifest and moves the folder into place.
 `load_index` also checks what a matching sha256 cannot vouch for: the FAISS index's own
-structure, metric, dimension and count, and `ids.parquet`'s page checksums and schema version.
-`--overwrite` and `--add` replace a folder holding these three files and nothing else, but for
+structure, metric, dimension and count, and the id map's schema and provenance. With `mmap`,
+FAISS maps the file instead of reading it (`IO_FLAG_MMAP_IFC`: inverted lists, flat codes and
+refine codes are used in place), so an index larger than this machine's memory can be searched.
+`--overwrite` and `--add` replace a folder holding these files and nothing else, but for
 the int8 model (`int8-<sha256>.onnx`) that an index of int8 embeddings carries, so that a query
 by image embeds with the same model wherever the folder is moved.
 """
@@ -24,33 +29,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pipeline.errors import ArtifactError, OutputError
 from pipeline.index.faiss_env import SCORES, faiss, set_search_params
+from pipeline.index.idmap import IDS_FILE, LOOKUP_FILE, IdMap
 from pipeline.index.verify import REBUILD, read_checked_index
 from pipeline.provenance import (
+    INT8_MODEL_NAME,
     PARQUET_METADATA_KEY,
     Provenance,
     check_schema_version,
     file_sha256,
+    int8_model_name,
 )
-from pipeline.quantize import INT8_MODEL_NAME, int8_model_name
-from pipeline.store import describe_entries, foreign_entries, read_parquet
+from pipeline.store import describe_entries, foreign_entries
 
 log = logging.getLogger(__name__)
 
-INDEX_SCHEMA_VERSION = 1
+# 2: the id map moved from ids.parquet (read whole into lists) to ids.arrow + ids.lookup.npy.
+INDEX_SCHEMA_VERSION = 2
 INDEX_FORMAT = "fc7-index"
 INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
 MANIFEST_FILE = "manifest.json"
-IDS_METADATA_KEY = b"fc7.index"
+_OLD_IDS_FILE = "ids.parquet"  # schema 1; only so that --overwrite replaces such a folder
 # Everything fc7 writes in an index folder; --overwrite and --add replace nothing else.
-INDEX_FOLDER_FILES = frozenset({INDEX_FILE, IDS_FILE, MANIFEST_FILE})
+INDEX_FOLDER_FILES = frozenset({INDEX_FILE, IDS_FILE, LOOKUP_FILE, MANIFEST_FILE, _OLD_IDS_FILE})
 
 
 def check_index_out(out: Path, replace: bool) -> None:
@@ -114,24 +118,42 @@ def _is_index_manifest(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == INDEX_FORMAT
 
 
+def staging_folder(out: Path) -> Path:
+    """A new hidden folder beside `out` to write an index into before `write_index_dir` moves
+    it into place; the caller removes it if the build fails (`remove_staging`)."""
+    out = Path(out)
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot write the index: {err}") from err
+    return staging
+
+
+def remove_staging(staging: Path) -> None:
+    """Remove a staging folder `staging_folder` made (fc7's own, so all of it)."""
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_index_dir(
     out: Path,
+    staging: Path,
     index: faiss.Index,
-    ids: list[str],
-    paths: list[str],
-    labels: list[str | None],
     manifest: dict[str, Any],
     provenance: Provenance,
     replace: bool = False,
     int8_model: bytes | None = None,
 ) -> None:
-    """Write the three files into a hidden sibling folder, then move it into place.
+    """Add the index and manifest to `staging` (which holds the id map), then move it to `out`.
 
     A reader sees the old folder or the new one, never a mix; a failure leaves the old one.
     Of the old folder, only the files fc7 wrote are deleted (see `check_index_out`).
     `manifest` gains the `files` entry (names and sha256) and `index_bytes`.
 
     Args:
+        staging: from `staging_folder`, holding `ids.arrow` and `ids.lookup.npy`; removed
+            whether or not this succeeds.
         int8_model: the model that made int8 embeddings (`provenance.int8_model_sha256`),
             written beside the index; required for them.
 
@@ -140,37 +162,20 @@ def write_index_dir(
         ArtifactError: int8 embeddings without their model.
     """
     out = Path(out)
-    check_index_out(out, replace)
-    if provenance.precision == "int8" and int8_model is None:
-        raise ArtifactError(
-            f"--out {out}: the index of int8 embeddings needs their int8 model beside it"
-        )
-    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
+        check_index_out(out, replace)
+        if provenance.precision == "int8" and int8_model is None:
+            raise ArtifactError(
+                f"--out {out}: the index of int8 embeddings needs their int8 model beside it"
+            )
         faiss.write_index(index, str(staging / INDEX_FILE))
-        table = pa.table(
-            {
-                "position": pa.array(np.arange(len(ids)), pa.int64()),
-                "id": pa.array(ids, pa.string()),
-                "path": pa.array(paths, pa.string()),
-                "label": pa.array(labels, pa.string()),
-            }
-        )
-        meta = {"schema_version": INDEX_SCHEMA_VERSION, "count": len(ids)}
-        table = table.replace_schema_metadata(
-            {
-                PARQUET_METADATA_KEY: provenance.to_json().encode(),
-                IDS_METADATA_KEY: json.dumps(meta).encode(),
-            }
-        )
-        pq.write_table(table, staging / IDS_FILE, compression="zstd", write_page_checksum=True)
         manifest["files"] = {
             "index": INDEX_FILE,
             "index_sha256": file_sha256(staging / INDEX_FILE),
             "ids": IDS_FILE,
             "ids_sha256": file_sha256(staging / IDS_FILE),
+            "lookup": LOOKUP_FILE,
+            "lookup_sha256": file_sha256(staging / LOOKUP_FILE),
         }
         if provenance.precision == "int8":
             name = int8_model_name(provenance.int8_model_sha256)
@@ -193,7 +198,7 @@ def write_index_dir(
         raise OutputError(f"--out {out}: cannot write the index: {err}") from err
     finally:
         if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)  # our own folder, made above
+            remove_staging(staging)
 
 
 def _remove_old_index(old: Path) -> None:
@@ -216,28 +221,32 @@ class LoadedIndex:
     """An index folder read back and checked: the FAISS index, id map and manifest agree."""
 
     index: faiss.Index
-    ids: list[str]
-    paths: list[str]
-    labels: list[str | None]
+    id_map: IdMap
     manifest: dict[str, Any]
     provenance: Provenance
-    folder: Path | None = None
+    folder: Path
+    mmap: bool = False
 
 
-def load_index(index_dir: str | Path) -> LoadedIndex:
+def load_index(index_dir: str | Path, mmap: bool = False) -> LoadedIndex:
     """Read an index folder written by `fc7 index` and check that its files agree.
 
     The FAISS index comes back set to the manifest's tuned search parameters.
 
+    Args:
+        index_dir: the folder.
+        mmap: map the FAISS file (lists and codes) instead of reading it; the id map is
+            always memory-mapped.
+
     Raises:
-        ArtifactError: a file is missing, corrupt (sha256 differs from the manifest's, a
-            Parquet page checksum fails, FAISS cannot read it or it does not hold a usable
-            index), from a newer fc7, or the index, id map and manifest disagree on count,
-            dimension, metric or provenance. The message names the file.
+        ArtifactError: a file is missing, corrupt (sha256 differs from the manifest's, FAISS
+            cannot read it or it does not hold a usable index), from another fc7 schema, or
+            the index, id map and manifest disagree on count, dimension, metric or provenance.
+            The message names the file.
 
     Example:
         >>> loaded = load_index("out/index")  # doctest: +SKIP
-        >>> loaded.index.ntotal == len(loaded.ids) == loaded.manifest["count"]
+        >>> loaded.index.ntotal == len(loaded.id_map) == loaded.manifest["count"]
         True
     """
     folder = Path(index_dir)
@@ -252,9 +261,14 @@ def load_index(index_dir: str | Path) -> LoadedIndex:
         raise ArtifactError(f"{manifest_path}: unreadable or not JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         raise ArtifactError(f"{manifest_path}: not an fc7 index manifest")
-    check_schema_version(
+    version = check_schema_version(
         manifest.get("schema_version"), INDEX_SCHEMA_VERSION, str(manifest_path), REBUILD
     )
+    if version < INDEX_SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: written by an older fc7 (schema {version}, whose id map is read "
+            f"whole into memory); {REBUILD} with this one"
+        )
     try:
         provenance = Provenance.model_validate(manifest["provenance"])
         files = manifest["files"]
@@ -264,25 +278,27 @@ def load_index(index_dir: str | Path) -> LoadedIndex:
         raise ArtifactError(f"{manifest_path}: incomplete manifest ({err})") from None
     if metric not in SCORES:
         raise ArtifactError(f"{manifest_path}: unknown metric {metric!r}")
-    index_path, ids_path = folder / INDEX_FILE, folder / IDS_FILE
-    for path, key in ((index_path, "index_sha256"), (ids_path, "ids_sha256")):
+    index_path = folder / INDEX_FILE
+    for name, key in ((INDEX_FILE, "index"), (IDS_FILE, "ids"), (LOOKUP_FILE, "lookup")):
+        path = folder / name
         if not path.is_file():
             raise ArtifactError(f"{path}: missing from the index folder; {REBUILD}")
-        if not isinstance(files, dict) or file_sha256(path) != files.get(key):
+        if not isinstance(files, dict) or file_sha256(path) != files.get(f"{key}_sha256"):
             raise ArtifactError(
                 f"{path}: corrupt (its sha256 differs from the manifest's); {REBUILD}"
             )
-    index = read_checked_index(index_path, metric)
-    table = _read_ids(ids_path)
+    index = read_checked_index(index_path, metric, mmap)
+    id_map = IdMap.open(folder)
+    ids_path = folder / IDS_FILE
     stored = Provenance.from_json(
-        (table.schema.metadata or {}).get(PARQUET_METADATA_KEY, b"null"), where=str(ids_path)
+        id_map.metadata.get(PARQUET_METADATA_KEY, b"null"), where=str(ids_path)
     )
     diffs = stored.differences(provenance)
     if diffs:
         raise ArtifactError(f"{ids_path}: provenance differs from the manifest: {diffs}")
-    if not (index.ntotal == count == table.num_rows):
+    if not (index.ntotal == count == len(id_map)):
         raise ArtifactError(
-            f"{folder}: the index holds {index.ntotal:,} vectors, the id map {table.num_rows:,} "
+            f"{folder}: the index holds {index.ntotal:,} vectors, the id map {len(id_map):,} "
             f"rows and the manifest says {count:,}; {REBUILD}"
         )
     if index.d != dim or provenance.dim != dim:
@@ -290,49 +306,8 @@ def load_index(index_dir: str | Path) -> LoadedIndex:
             f"{folder}: dimension disagrees: index {index.d}, manifest {dim}, provenance "
             f"{provenance.dim}; {REBUILD}"
         )
-    positions = table.column("position").to_numpy()
-    if not np.array_equal(positions, np.arange(count)):
-        raise ArtifactError(f"{ids_path}: positions are not 0..{count - 1}; {REBUILD}")
-    ids = table.column("id").to_pylist()
-    if table.column("id").null_count or len(set(ids)) != count:
-        raise ArtifactError(f"{ids_path}: ids are missing or repeated; {REBUILD}")
     try:
         set_search_params(index, params)
     except ArtifactError as err:
         raise ArtifactError(f"{manifest_path}: {err}; {REBUILD}") from None
-    return LoadedIndex(
-        index,
-        ids,
-        table.column("path").to_pylist(),
-        table.column("label").to_pylist(),
-        manifest,
-        provenance,
-        folder,
-    )
-
-
-_ID_COLUMNS = {"position": pa.int64(), "id": pa.string(), "path": pa.string(), "label": pa.string()}
-
-
-def _read_ids(path: Path) -> pa.Table:
-    try:
-        table = read_parquet(str(path))
-    except ArtifactError as err:
-        raise ArtifactError(f"{err}; {REBUILD}") from None
-    for name, kind in _ID_COLUMNS.items():
-        if name not in table.column_names or table.schema.field(name).type != kind:
-            raise ArtifactError(f"{path}: not an fc7 id map (no {name} column of {kind})")
-    try:
-        meta = json.loads((table.schema.metadata or {})[IDS_METADATA_KEY])
-        version, rows = meta["schema_version"], meta["count"]
-    except (KeyError, TypeError, ValueError):
-        raise ArtifactError(
-            f"{path}: not an fc7 id map (no valid {IDS_METADATA_KEY.decode()} metadata); "
-            f"{REBUILD}"
-        ) from None
-    check_schema_version(version, INDEX_SCHEMA_VERSION, f"{path} (id map)", REBUILD)
-    if rows != table.num_rows:
-        raise ArtifactError(
-            f"{path}: its metadata says {rows} rows but it holds {table.num_rows:,}; {REBUILD}"
-        )
-    return table
+    return LoadedIndex(index, id_map, manifest, provenance, folder, mmap)

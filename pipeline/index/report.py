@@ -26,8 +26,11 @@ def summary(config: IndexConfig, result: BuildResult) -> str:
         f"  kind {m['kind']} ({m['factory']}), metric {m['metric']}, dim {m['dim']}, {pca}",
         f"  time {result.seconds['total']:.1f} s"
         + (f" ({steps})" if steps else "")
-        + (" on GPU" if result.on_gpu else ""),
-        f"  memory: index file {human_size(m['index_bytes'])}, peak RSS {human_size(peak_rss())}",
+        + (" on GPU" if result.on_gpu else "")
+        + (" (vectors added by Ray tasks)" if result.runner == "ray" else ""),
+        f"  memory: index file {human_size(m['index_bytes'])}, peak RSS of this process "
+        f"{human_size(peak_rss())}"
+        + (f" (--max-memory {human_size(config.max_memory)})" if config.max_memory else ""),
     ]
     params = ", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "exact"
     missed = not config.add and not result.evaluation.reached_target
@@ -41,8 +44,14 @@ def summary(config: IndexConfig, result: BuildResult) -> str:
         f"  recall@10 {m['recall_at_10']:.3f} vs exact search on {m['recall_queries']:,} "
         f"held-out queries at {params}{note}{before_add}"
     )
+    exact = m.get("exact_queries_per_second")
+    speedup = (
+        f" ({m['queries_per_second'] / exact:,.1f}x exact search's {exact:,.1f})"
+        if exact and not config.add
+        else ""
+    )
     lines.append(
-        f"  latency: {m['queries_per_second']:,.0f} queries/s batched, "
+        f"  latency: {m['queries_per_second']:,.0f} queries/s batched{speedup}, "
         f"{m['latency_ms']:.2f} ms per single query"
     )
     return "\n".join(lines)

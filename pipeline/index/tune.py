@@ -1,27 +1,22 @@
 """Measuring and tuning an index: the exact oracle, recall@10, and the search parameters.
 
-The oracle is FAISS's own exact search (`knn_ground_truth`, an `IndexFlat` per batch), run
-over the same stream of batches that fills the index, so the embeddings are read once. Tuning
-tries fc7's grid of `nprobe` / `efSearch` / `k_factor` values, cheapest first, and stops at the
-first that reaches the target recall; parameters are set through `faiss.ParameterSpace`.
+The oracle (`ExactSearch`) is FAISS's own exact search (`faiss.knn`, batch by batch, into a
+`faiss.ResultHeap`), fed the same batches that fill the index, so the embeddings are read
+once. Tuning tries fc7's grid of `nprobe` / `efSearch` / `k_factor` values, cheapest first,
+and stops at the first that reaches the target recall; parameters are set through
+`faiss.ParameterSpace`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline.index.faiss_env import (
-    faiss,
-    knn_ground_truth,
-    set_search_params,
-    tunable_parameters,
-)
+from pipeline.index.faiss_env import faiss, set_search_params, tunable_parameters
 
 RECALL_K = 10
 # Re-ranking more candidates is cheap next to probing more lists: two values are enough.
@@ -29,30 +24,60 @@ REFINE_K_FACTORS = (8, 32)
 EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
-def exact_neighbours(
-    queries: np.ndarray, batches: Iterable[np.ndarray], metric: str, k: int
-) -> np.ndarray:
-    """Positions of the exact `k` nearest rows of `batches` (counted from 0 across batches)
-    to each query, nearest first; -1 where there are fewer than `k` rows.
+class ExactSearch:
+    """The exact `k` nearest rows to each query, over rows given a batch at a time.
 
-    Cosine and inner product rank by inner product (cosine vectors are unit length), L2 by
-    distance, as the index's own scores do.
-
-    Args:
-        queries: (n, dim) float32, normalised for cosine.
-        batches: (rows, dim) float32 arrays, normalised for cosine; consumed once.
-        metric: `cosine`, `ip` or `l2`.
-        k: neighbours per query.
+    Each batch is searched exhaustively (`faiss.knn`) and the results kept in a
+    `faiss.ResultHeap`; batches may come from several processes (`merge`). Cosine and inner
+    product rank by inner product (cosine vectors are unit length), L2 by distance, as the
+    index's own scores do. The time spent searching is kept, as exact search's speed.
 
     Example:
         >>> base = np.array([[0.0], [1.0], [3.0]], dtype=np.float32)
-        >>> exact_neighbours(np.array([[2.5]], dtype=np.float32), [base[:2], base[2:]], "l2", 2)
+        >>> oracle = ExactSearch(np.array([[2.5]], dtype=np.float32), "l2", 2)
+        >>> oracle.add(base[:2], 0); oracle.add(base[2:], 2)
+        >>> oracle.positions()
         array([[2, 1]])
     """
-    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    # On the CPU even where the index is built on a GPU: that one holds the index being filled.
-    _, positions = knn_ground_truth(queries, iter(batches), k, faiss_metric, ngpu=0)
-    return positions
+
+    def __init__(self, queries: np.ndarray, metric: str, k: int):
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        self.k = k
+        self.keep_max = metric != "l2"
+        self.heap = faiss.ResultHeap(len(queries), k, keep_max=self.keep_max)
+        self.seconds = 0.0
+
+    def add(self, vectors: np.ndarray, first_position: int) -> None:
+        """Rank `vectors`, which sit at positions first_position, first_position + 1, ..."""
+        started = time.perf_counter()
+        distances, found = faiss.knn(self.queries, vectors, min(self.k, len(vectors)),
+                                     metric=self.metric)
+        self.merge(distances, np.where(found >= 0, found + first_position, -1))
+        self.seconds += time.perf_counter() - started
+
+    def merge(self, distances: np.ndarray, positions: np.ndarray) -> None:
+        """Fold in another process's results (`results()` of an `ExactSearch` of its rows)."""
+        if distances.shape[1] < self.k:  # fewer rows than k: pad with FAISS's empty slots
+            pad = self.k - distances.shape[1]
+            empty = -np.inf if self.keep_max else np.inf
+            distances = np.pad(distances, ((0, 0), (0, pad)), constant_values=empty)
+            positions = np.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+        self.heap.add_result(np.ascontiguousarray(distances, dtype=np.float32),
+                             np.ascontiguousarray(positions, dtype=np.int64))
+
+    def results(self) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, positions) so far, best first (a copy: the heap stays usable)."""
+        self.heap.finalize()
+        distances, positions = self.heap.D.copy(), self.heap.I.copy()
+        self.heap = faiss.ResultHeap(len(self.queries), self.k, keep_max=self.keep_max)
+        self.heap.add_result(distances, positions)
+        return distances, positions
+
+    def positions(self) -> np.ndarray:
+        """Positions of the exact `k` nearest rows of each query, nearest first; -1 where
+        there were fewer than `k` rows."""
+        return self.results()[1]
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray, self_positions: np.ndarray, k: int) -> float:
@@ -118,7 +143,7 @@ def evaluate(
     Args:
         index: a filled index (on the CPU).
         queries: (n, dim) rows of the index, normalised as the index's vectors are.
-        exact_ids: `exact_neighbours` of `queries`, at least `RECALL_K + 1` per query.
+        exact_ids: `ExactSearch.positions()` of `queries`, at least `RECALL_K + 1` per query.
         self_positions: each query's own position in the index (-1: none).
         target_recall: the recall@10 to reach.
     """

@@ -17,7 +17,7 @@ from pipeline.index.faiss_env import faiss, faiss_message, metric_type, parts
 REBUILD = "rebuild the index"
 
 
-def read_checked_index(path: Path, metric: str) -> faiss.Index:
+def read_checked_index(path: Path, metric: str, mmap: bool = False) -> faiss.Index:
     """Read a FAISS index file and refuse one whose structure fc7 cannot have built.
 
     Count and dimension are compared with the id map and manifest by `format.load_index`.
@@ -25,19 +25,25 @@ def read_checked_index(path: Path, metric: str) -> faiss.Index:
     Args:
         path: the `index.faiss` file.
         metric: the manifest's metric (`cosine`, `l2` or `ip`).
+        mmap: map the file's lists and codes instead of reading them (FAISS's
+            `IO_FLAG_MMAP_IFC`). Then the ids in the lists and the flat vectors are not read for
+            the check, which would page in the whole file; search still refuses a position
+            beyond the id map (`SimilarityIndex._search`).
 
     Raises:
         ArtifactError: FAISS cannot read it, or a part of it searches by another metric,
             disagrees with the others, or holds out-of-range ids, links or non-finite vectors.
     """
-    index = _read(path)
-    _check_index(index, path, metric)
+    index = _read(path, mmap)
+    _check_index(index, path, metric, mmap)
     return index
 
 
-def _read(path: Path) -> faiss.Index:
+def _read(path: Path, mmap: bool) -> faiss.Index:
     try:
-        return faiss.read_index(str(path))
+        return faiss.read_index(
+            str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        )
     except RuntimeError as err:
         raise ArtifactError(
             f"{path}: not a readable FAISS index ({faiss_message(err)}); {REBUILD}"
@@ -52,7 +58,7 @@ def _read(path: Path) -> faiss.Index:
 _METRIC_NAMES = {faiss.METRIC_L2: "L2", faiss.METRIC_INNER_PRODUCT: "inner product"}
 
 
-def _check_index(index: faiss.Index, path: Path, metric: str) -> None:
+def _check_index(index: faiss.Index, path: Path, metric: str, mmap: bool) -> None:
     expected = metric_type(metric)
     try:
         for part in parts(index):
@@ -64,15 +70,15 @@ def _check_index(index: faiss.Index, path: Path, metric: str) -> None:
                 )
             if not part.is_trained or part.ntotal != index.ntotal:
                 raise ArtifactError(f"{path}: its parts disagree; {REBUILD}")
-            _check_part(part, path)
+            _check_part(part, path, mmap)
     except (AttributeError, RuntimeError, TypeError, ValueError) as err:
         raise ArtifactError(f"{path}: not an index fc7 can use ({err}); {REBUILD}") from None
 
 
-def _check_part(part: faiss.Index, path: Path) -> None:
+def _check_part(part: faiss.Index, path: Path, mmap: bool) -> None:
     ntotal = part.ntotal
     problem = None
-    if isinstance(part, faiss.IndexFlat) and ntotal:
+    if isinstance(part, faiss.IndexFlat) and ntotal and not mmap:
         vectors = faiss.rev_swig_ptr(part.get_xb(), ntotal * part.d)
         # min and max make no temporary copy; NaN propagates into both.
         if not (np.isfinite(vectors.min()) and np.isfinite(vectors.max())):
@@ -80,10 +86,9 @@ def _check_part(part: faiss.Index, path: Path) -> None:
     elif isinstance(part, faiss.IndexIVF):
         lists = part.invlists
         sizes = [lists.list_size(i) for i in range(part.nlist)]
-        ids = [faiss.rev_swig_ptr(lists.get_ids(i), n) for i, n in enumerate(sizes) if n]
         if part.quantizer.ntotal != part.nlist or part.quantizer.d != part.d:
             problem = "a coarse quantizer that does not match its lists"
-        elif sum(sizes) != ntotal or (ids and not _all_in(np.concatenate(ids), 0, ntotal)):
+        elif sum(sizes) != ntotal or not (mmap or _ids_in_range(lists, sizes, ntotal)):
             problem = "inverted lists that do not hold each vector once"
     elif isinstance(part, faiss.IndexHNSW):
         graph = part.hnsw
@@ -105,6 +110,15 @@ def _check_part(part: faiss.Index, path: Path) -> None:
             problem = "a graph whose links point outside the index"
     if problem:
         raise ArtifactError(f"{path}: corrupt: {problem}; {REBUILD}")
+
+
+def _ids_in_range(lists: faiss.InvertedLists, sizes: list[int], ntotal: int) -> bool:
+    """Whether every id in the lists is in [0, ntotal), one list at a time."""
+    return all(
+        _all_in(faiss.rev_swig_ptr(lists.get_ids(i), n), 0, ntotal)
+        for i, n in enumerate(sizes)
+        if n
+    )
 
 
 def _all_in(values: np.ndarray, low: int, end: int) -> bool:

@@ -66,6 +66,7 @@ def create_app(
     allowed_hosts: Sequence[str] | None = None,
     decode_memory: int = DEFAULT_DECODE_MEMORY,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    mmap: bool | None = None,
 ) -> FastAPI:
     """The FastAPI application serving the index in `index_dir`.
 
@@ -84,6 +85,9 @@ def create_app(
             an image needing more on its own is refused (413 upload, 404 thumbnail).
         request_timeout: seconds a request body may take to arrive (408 after it);
             `uvicorn_config` also gives a request's head this long.
+        mmap: memory-map the index's inverted lists and search on the CPU (True), read them
+            (False), or map only an index larger than a quarter of the available memory (None);
+            see `SimilarityIndex.open`.
 
     Returns:
         The app; run it with uvicorn (`run_server`, `background_server`), or test it with
@@ -106,7 +110,7 @@ def create_app(
         check_host_patterns(allowed_hosts)
     except ValueError as err:
         raise ConfigError(f"allowed hosts: {err}") from None
-    index = SimilarityIndex.open(index_dir, device=device, decode_memory=decode_memory)
+    index = SimilarityIndex.open(index_dir, device=device, decode_memory=decode_memory, mmap=mmap)
     classifier = None
     if classifier_dir is not None:
         classifier = Classifier.load(classifier_dir)
@@ -138,9 +142,14 @@ def create_app(
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/health", summary="Liveness, and whether the model is loaded yet")
+    @app.get("/health", summary="Liveness; whether the model is loaded, the index memory-mapped")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "items": len(index), "model_loaded": service.model_loaded}
+        return {
+            "status": "ok",
+            "items": len(index),
+            "model_loaded": service.model_loaded,
+            "mmap": index.mmap,
+        }
 
     @app.get("/info", summary="The index: kind, size, dimension, recall, provenance")
     def info() -> dict[str, Any]:

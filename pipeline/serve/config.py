@@ -8,6 +8,7 @@ from pydantic import PositiveInt, field_validator
 
 from pipeline.config import Device, JobConfig, Size, option
 from pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_PIXELS
+from pipeline.search import MMAP_HELP
 from pipeline.serve.security import check_host_patterns
 
 DEFAULT_MAX_UPLOAD = 20_000_000
@@ -73,6 +74,7 @@ class ServeConfig(JobConfig):
         "auto",
         "auto (a GPU for FAISS and the model when there is one), cpu or cuda (gpu is an alias)",
     )
+    mmap: bool | None = option(None, MMAP_HELP)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = option(
         "info", "uvicorn log level"
     )

@@ -69,8 +69,7 @@ def decode_upload(
         if err.kind == "size":
             memory = budget.capacity / 1024**2
             detail += (
-                f" (limits here: --max-pixels {max_pixels:,}, "
-                f"--decode-memory {memory:,.0f} MiB)"
+                f" (limits here: --max-pixels {max_pixels:,}, --decode-memory {memory:,.0f} MiB)"
             )
         raise HTTPException(DECODE_STATUS[err.kind], detail) from None
     return tensor
