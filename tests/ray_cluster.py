@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -139,3 +141,17 @@ class RayCluster:
         record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         if record.is_file() and record.read_text().strip().endswith(f":{self.port}"):
             record.unlink()
+
+
+@contextmanager
+def two_worker_nodes(root: Path, node_env: dict[str, str] | None = None) -> Iterator[RayCluster]:
+    """A head with no CPUs and two worker nodes of one CPU, `node_a` and `node_b`: every Ray
+    worker runs on another node than the driver, as on a cluster. Stopped on exit."""
+    cluster = RayCluster(root, node_env)
+    try:
+        cluster.start_head(cpus=0)
+        cluster.add_node("node_a")
+        cluster.add_node("node_b")
+        yield cluster
+    finally:
+        cluster.stop()

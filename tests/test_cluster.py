@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import jpeg_bytes
-from ray_cluster import RAY, RayCluster
+from ray_cluster import RAY, RayCluster, two_worker_nodes
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,15 +30,9 @@ def cluster(tmp_path_factory):
     # The test-only hook of pipeline/extract/worker.py: a worker crashes on the ids listed in
     # this file (absent unless a test writes it).
     crash_file = root / "crash-on"
-    cluster = RayCluster(root, {"FC7_TEST_CRASH_FILE": str(crash_file)})
-    cluster.crash_file = crash_file
-    try:
-        cluster.start_head(cpus=0)
-        cluster.add_node("node_a")
-        cluster.add_node("node_b")
+    with two_worker_nodes(root, {"FC7_TEST_CRASH_FILE": str(crash_file)}) as cluster:
+        cluster.crash_file = crash_file
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def make_images(root: Path, count: int) -> Path:

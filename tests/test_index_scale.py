@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, clustered_vectors, test_provenance, write_embeddings
-from ray_cluster import RAY, RayCluster
+from ray_cluster import RAY, RayCluster, two_worker_nodes
 
 from pipeline.errors import ConfigError
 from pipeline.fs import resolve
@@ -35,7 +35,7 @@ def build(embeddings: Path, out: Path, **options):
 @pytest.mark.parametrize(
     "factory",
     ["IVF16,Flat", "IVF16,PQ8x4fs", "IVF16,PQ8x4fs,Refine(SQ8)", "PCAR16,IVF16,PQ4x4fs",
-     "IVF16,PQ8", "IVF16,SQ8", "PCA16,IVF16,PQ8x4fs,Refine(SQ8)"],
+     "IVF16,PQ8x4", "IVF16,SQ8", "PCA16,IVF16,PQ8x4fs,Refine(SQ8)"],
 )
 def test_parts_merged_in_order_equal_one_index_filled_in_order(factory: str) -> None:
     x, _ = clustered_vectors(6000, 32, seed=3)
@@ -156,14 +156,8 @@ def test_the_id_map_of_2m_rows_takes_a_small_fraction_of_python_lists(tmp_path: 
 def cluster(tmp_path_factory):
     if not Path(RAY).exists():
         pytest.skip("the ray command is not installed")
-    cluster = RayCluster(tmp_path_factory.mktemp("index-cluster"))
-    try:
-        cluster.start_head(cpus=0)
-        cluster.add_node("node_a")
-        cluster.add_node("node_b")
+    with two_worker_nodes(tmp_path_factory.mktemp("index-cluster")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.mark.slow
@@ -181,9 +175,15 @@ def test_ray_build_on_two_nodes_equals_the_local_build_with_a_node_lost(
         env=dict(cluster.client_env(), PYTHONUNBUFFERED="1"), cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    # Both streams read by threads to the end: `communicate` would race them for the lines.
+    output: list[str] = []
     errors: list[str] = []
-    reader = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
-    reader.start()
+    readers = [
+        threading.Thread(target=lambda: output.extend(process.stdout), daemon=True),
+        threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
     try:
         deadline = time.monotonic() + 300
         while not any("merged range 1/" in line for line in errors):
@@ -192,12 +192,14 @@ def test_ray_build_on_two_nodes_equals_the_local_build_with_a_node_lost(
             time.sleep(0.05)
         cluster.kill_node("node_b")  # mid-build: its task and the parts it holds are lost
         killed_at = len(errors)
-        out, _ = process.communicate(timeout=600)
+        process.wait(timeout=600)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
-    reader.join(timeout=10)
+    for reader in readers:
+        reader.join(timeout=30)
+    out = "".join(output)
     log = "".join(errors)
     assert process.returncode == 0, log
     total = int(log.split("merged range 1/")[1].split()[0])
