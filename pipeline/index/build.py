@@ -120,13 +120,17 @@ def build_index(
     plan = _plan(config, rows, dim, train_rows)
     runner = _runner(config, plan, rows)
     report(f"plan: {plan.factory} ({plan.reason}); runner {runner}")
+    index = faiss.index_factory(dim, plan.factory, metric_type(config.metric))
+    _prepare_for_training(index)
+    # Refused before any pass over the data.
+    gpu = to_gpu(index) if config.device != "cpu" else None
+    if config.device == "cuda" and gpu is None:
+        raise ConfigError(f"--device cuda: FAISS has no GPU here for {plan.factory}")
     staging = staging_folder(out)
     try:
         with IdMapWriter(staging, data.provenance) as writer:
             layout = write_id_map(data, writer, config.batch_size)
         seconds = {"ids": time.perf_counter() - started}
-        index = faiss.index_factory(dim, plan.factory, metric_type(config.metric))
-        _prepare_for_training(index)
         rng = np.random.default_rng(config.seed)
         query_rows, train_rows_drawn = _sample_positions(
             rows, config.eval_queries, train_rows if plan.needs_training else 0, rng
@@ -137,9 +141,6 @@ def build_index(
             queries, sample = normalize(queries), normalize(sample)
         seconds["read_sample"] = time.perf_counter() - mark
 
-        gpu = to_gpu(index) if config.device != "cpu" else None
-        if config.device == "cuda" and gpu is None:
-            raise ConfigError(f"--device cuda: FAISS has no GPU here for {plan.factory}")
         if plan.needs_training:
             report(f"training on {len(sample):,} rows sampled across all shards")
             mark = time.perf_counter()

@@ -100,7 +100,7 @@ def write_id_map(
         for batch in existing.batches():
             writer.add(batch.column("id"), batch.column("path"), batch.column("label"))
     offset = writer.count
-    first_rows, skipped, seen = [0], [], {}
+    first_rows, skipped, seen = [0], [], set()
     row = 0
     for file in files:
         for batch in data.batches(["id", "path", "label"], batch_size, files=[file]):
@@ -110,7 +110,7 @@ def write_id_map(
             for i in suspects:
                 item = ids[int(i)].as_py()
                 keep[i] = item not in seen
-                seen.setdefault(item, row + int(i))
+                seen.add(item)
             if existing is not None:
                 keep &= existing.positions(ids.to_pylist()) < 0
             if not keep.all():

@@ -165,8 +165,15 @@ class IdMap:
         0
     """
 
-    def __init__(self, batches: list[pa.RecordBatch], lookup: np.ndarray, where: str):
+    def __init__(
+        self,
+        batches: list[pa.RecordBatch],
+        lookup: np.ndarray,
+        where: str,
+        metadata: dict[bytes, bytes] | None = None,
+    ):
         self._batches = batches
+        self.metadata = metadata or {}  # the Arrow schema's: provenance and version
         # Rows are taken from one record batch at a time: `take` on a whole memory-mapped
         # table would concatenate its chunks, reading every page.
         self._starts = np.cumsum([0] + [len(batch) for batch in batches])
@@ -199,11 +206,7 @@ class IdMap:
                 "rebuild the index"
             ) from None
         check_schema_version(version, ID_MAP_VERSION, f"{ids_path} (id map)", "rebuild the index")
-        id_map = cls(batches, lookup, str(ids_path))
-        id_map.metadata = reader.schema.metadata or {}
-        return id_map
-
-    metadata: dict[bytes, bytes] = {}
+        return cls(batches, lookup, str(ids_path), reader.schema.metadata)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
