@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `ray job sub
 from jobs import run  # noqa: E402
 from pipeline.config import parse_config  # noqa: E402
 from pipeline.index import BLAS_NOTE, IndexConfig, add_to_index, build_index, summary  # noqa: E402
-from pipeline.store import EmbeddingDataset  # noqa: E402
+from pipeline.store import EmbeddingDataset, read_id_list  # noqa: E402
 
 DESCRIPTION = """Build a FAISS index over an extraction output, measure its recall@10
 against exact search, and tune it to a target recall; or --add new rows to one.
@@ -26,7 +26,8 @@ EPILOG = """examples:
   fc7 index out/embeddings --out out/index --kind hnsw --pca 256
   fc7 index out/more-embeddings --out out/index --add
   RAY_ADDRESS=auto fc7 index out/embeddings --out out/index --kind ivf-pq --runner ray
-  fc7 index out/embeddings --out out/index --max-memory 8GB"""
+  fc7 index out/embeddings --out out/index --max-memory 8GB
+  fc7 index out/embeddings --out out/index --keep out/duplicates/keep.parquet"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if BLAS_NOTE:
         print(f"fc7 index: {BLAS_NOTE}", file=sys.stderr)
     data = EmbeddingDataset.open(config.embeddings)
+    if config.keep:
+        data = data.keeping(read_id_list(config.keep))
 
     def report(line: str) -> None:
         print(f"fc7 index: {line}", file=sys.stderr)

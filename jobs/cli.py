@@ -19,6 +19,9 @@ COMMANDS = {
     "train": ("jobs.train_classifier", "train and evaluate a classifier on labelled embeddings"),
     "predict": ("jobs.predict", "label embeddings or images with a trained classifier"),
     "serve": ("jobs.serve", "serve an index over HTTP with a search web page"),
+    "duplicates": ("jobs.duplicates", "group exact and near-duplicate images, pick one to keep"),
+    "audit": ("jobs.audit", "find label errors, outliers and train/test leaks (cleanlab)"),
+    "map": ("jobs.map", "lay the collection out in 2-D (UMAP or PCA) for the web page"),
 }
 
 USAGE = f"""usage: fc7 COMMAND [options]   (fc7 COMMAND --help for its options)
@@ -26,7 +29,7 @@ USAGE = f"""usage: fc7 COMMAND [options]   (fc7 COMMAND --help for its options)
 AlexNet FC7 image embeddings on Ray, similarity search and classifiers. Version {__version__}.
 
 commands:
-""" + "\n".join(f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()) + """
+""" + "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()) + """
 
 example:
   fc7 extract examples/images --out out/embeddings --weights random

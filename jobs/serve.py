@@ -17,6 +17,7 @@ DESCRIPTION = """Serve an index built by `fc7 index` over HTTP, with a search pa
 and the API documented at /docs."""
 EPILOG = """example:
   fc7 serve out/index --classifier out/classifier --port 8000
+  fc7 serve out/index --map out/map --duplicates out/duplicates --audit out/audit
   then open http://127.0.0.1:8000/"""
 
 
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Raises:
         ConfigError: an invalid option.
-        ArtifactError, ProvenanceMismatch: the index or classifier cannot be used.
+        ArtifactError, ProvenanceMismatch: the index, classifier or a curation folder cannot be
+            used.
     """
     config = parse_config(ServeConfig, argv, "fc7 serve", DESCRIPTION, EPILOG)
     allowed_hosts = config.host_patterns or default_allowed_hosts(config.host)
@@ -40,14 +42,21 @@ def main(argv: list[str] | None = None) -> int:
         decode_memory=config.decode_memory,
         request_timeout=config.request_timeout,
         mmap=config.mmap,
+        map_dir=config.map,
+        duplicates_dir=config.duplicates,
+        audit_dir=config.audit,
     )
     index = app.state.service.index
     mapped = " (memory-mapped, searched on the CPU)" if index.mmap else ""
+    views = [name for name, shown in app.state.curation.views().items() if shown]
     print(
-        f"fc7 serve: {len(index):,} items from {config.index_dir}{mapped}; open "
+        f"fc7 serve: {len(index):,} items from {config.index_dir}{mapped}; "
+        f"views: {', '.join(['search', *views])}; open "
         f"http://{config.host}:{config.port}/ (API docs at /docs)",
         file=sys.stderr,
     )
+    for note in app.state.curation.notes():
+        print(f"fc7 serve: {note}", file=sys.stderr)
     if allowed_hosts == ["*"] and config.allowed_hosts is None:
         print(
             f"fc7 serve: --host {config.host} answers requests naming any host; pass "

@@ -27,6 +27,7 @@ from pipeline.decode import DEFAULT_DECODE_MEMORY, ImageDecodeError
 from pipeline.errors import ArtifactError, ConfigError, ProvenanceMismatch, SourceError
 from pipeline.index.faiss_env import SCORES, faiss, normalize, parts, scores, to_gpu
 from pipeline.index.format import INDEX_FILE, LoadedIndex, load_index
+from pipeline.index.idmap import IdMap
 from pipeline.model import Embedder
 from pipeline.provenance import Provenance
 from pipeline.resources import available_memory
@@ -158,6 +159,18 @@ class SimilarityIndex:
         Raises:
             ProvenanceMismatch: the vectors' dimension is not the index's.
         """
+        values, positions = self.search_raw(vectors, k)
+        return [self._matches(s[:k], p[:k]) for s, p in zip(values, positions, strict=True)]
+
+    def search_raw(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and positions (rows of `id_map`) of the `k` nearest items of each row.
+
+        For jobs that search many rows (`fc7 duplicates`, `fc7 audit`): no `Match` objects.
+        At most `len(self)` columns; FAISS pads with position -1 where it finds fewer.
+
+        Raises:
+            ProvenanceMismatch: the vectors' dimension is not the index's.
+        """
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim == 1:
             vectors = vectors[None, :]
@@ -168,8 +181,12 @@ class SimilarityIndex:
             )
         if self.metric == "cosine":
             vectors = normalize(vectors)
-        values, positions = self._search(self._cpu, vectors, k)
-        return [self._matches(s[:k], p[:k]) for s, p in zip(values, positions, strict=True)]
+        return self._search(self._cpu, vectors, k)
+
+    @property
+    def id_map(self) -> IdMap:
+        """The indexed items' ids, paths and labels by position."""
+        return self._id_map
 
     def search_ids(
         self, ids: list[str], k: int = 10, include_self: bool = False

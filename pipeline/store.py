@@ -16,7 +16,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -130,6 +130,9 @@ class EmbeddingDataset:
     uri: str
     dataset: pads.Dataset
     provenance: Provenance
+    # Rows read at all (`keeping`): e.g. the ids `fc7 duplicates` kept; None: every row.
+    only: pc.Expression | None = None
+    only_digest: str = ""
 
     @classmethod
     def open(cls, uri: str) -> EmbeddingDataset:
@@ -180,6 +183,20 @@ class EmbeddingDataset:
                 )
         return cls(uri=uri, dataset=dataset, provenance=provenance)
 
+    def keeping(self, ids: pa.Array) -> EmbeddingDataset:
+        """This dataset seen through a list of ids: rows with other ids are never read.
+
+        Example:
+            >>> kept = read_parquet("out/duplicates/keep.parquet")["id"]  # doctest: +SKIP
+            >>> data = EmbeddingDataset.open("out/emb").keeping(kept)     # doctest: +SKIP
+        """
+        digest = hashlib.sha256()
+        for chunk in ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]:
+            for buffer in chunk.buffers():
+                if buffer is not None:
+                    digest.update(buffer)
+        return replace(self, only=pads.field("id").isin(ids), only_digest=digest.hexdigest())
+
     @property
     def files(self) -> list[str]:
         return list(self.dataset.files)
@@ -195,9 +212,11 @@ class EmbeddingDataset:
         Raises:
             ArtifactError: a part file is damaged; the message names it.
         """
-        if with_errors:
+        if with_errors and self.only is None:
             return self.dataset.count_rows()
-        row_filter = pads.field("error").is_null()
+        row_filter = self.only if with_errors else pads.field("error").is_null()
+        if not with_errors and self.only is not None:
+            row_filter = row_filter & self.only
         try:
             return self.dataset.count_rows(filter=row_filter)
         except (OSError, pa.ArrowException) as err:
@@ -230,6 +249,8 @@ class EmbeddingDataset:
             >>> batch = next(data.batches(["id", "embedding"], where=wanted))  # doctest: +SKIP
         """
         row_filter = None if with_errors else pads.field("error").is_null()
+        if self.only is not None:
+            row_filter = self.only if row_filter is None else row_filter & self.only
         if where is not None:
             row_filter = where if row_filter is None else row_filter & where
         dataset = self.dataset if files is None else self._subset(files)
@@ -261,6 +282,8 @@ class EmbeddingDataset:
             size = self.dataset.filesystem.get_file_info(fragment.path).size
             rows = fragment.metadata.num_rows
             digest.update(f"{fragment.path.rsplit('/', 1)[-1]}:{size}:{rows}\n".encode())
+        if self.only is not None:
+            digest.update(f"only:{self.only_digest}".encode())
         return digest.hexdigest()
 
     # -- internals -------------------------------------------------------------------------
@@ -377,6 +400,30 @@ def foreign_entries(
         for info in fs.get_file_info(selector)
         if not ours(info)
     )
+
+
+def read_id_list(path: str) -> pa.Array:
+    """The `id` column of a Parquet or CSV file (e.g. `fc7 duplicates`' keep.parquet).
+
+    Raises:
+        ArtifactError: the file cannot be read, or has no `id` column.
+    """
+    fs, local = resolve(path)
+    try:
+        if path.endswith(".csv"):
+            import pyarrow.csv as pacsv
+
+            with fs.open_input_stream(local) as stream:
+                table = pacsv.read_csv(stream)
+        else:
+            table = read_parquet(local, fs)
+    except (OSError, pa.ArrowException) as err:
+        raise ArtifactError(f"{path}: cannot read the list of ids ({err})") from None
+    if "id" not in table.column_names:
+        raise ArtifactError(
+            f"{path}: no id column (columns: {', '.join(table.column_names)})"
+        )
+    return pc.cast(table["id"], pa.string()).combine_chunks()
 
 
 def describe_entries(names: list[str], limit: int = 5) -> str:

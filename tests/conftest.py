@@ -77,6 +77,8 @@ def write_embeddings(
     shards: int = 1,
     errors: list[str | None] | None = None,
     id_prefix: str = "img",
+    sha256s: list[str | None] | None = None,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> Path:
     """Write vectors as an extraction output (Parquet parts) in `folder`; returns `folder`."""
     provenance = provenance or test_provenance(dim=vectors.shape[1])
@@ -94,6 +96,9 @@ def write_embeddings(
             [labels[i] for i in part],
             vectors[part],
             [errors[i] for i in part],
+            [sha256s[i] for i in part] if sha256s else None,
+            [sizes[i][0] for i in part] if sizes else None,
+            [sizes[i][1] for i in part] if sizes else None,
         )
         write_table_atomically(table, fs, f"{base}/part-{shard:05d}.parquet")
     return folder

@@ -57,6 +57,14 @@ def stop_session(session: int, sig: signal.Signals = signal.SIGTERM) -> None:
     assert not session_pids(session), "processes of the test's Ray node survived SIGKILL"
 
 
+def _command(pid: int) -> bytes:
+    """The program a process runs; empty once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return b""
+
+
 class RayCluster:
     """`ray start --head` plus `ray start --address` nodes, each in its own session.
 
@@ -116,13 +124,19 @@ class RayCluster:
 
     def raylet_pid(self, name: str) -> int:
         for pid in session_pids(self.nodes[name].pid):
-            try:
-                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-            except OSError:
-                continue
-            if command.endswith(b"/raylet"):
+            if _command(pid).endswith(b"/raylet"):
                 return pid
         raise AssertionError(f"no raylet process in Ray node {name}")
+
+    def live_workers(self) -> list[str]:
+        """The worker nodes whose raylet still runs, in the order they were added."""
+        alive = []
+        for name in self.nodes:
+            if name != "head" and any(
+                _command(pid).endswith(b"/raylet") for pid in session_pids(self.nodes[name].pid)
+            ):
+                alive.append(name)
+        return alive
 
     def kill_node(self, name: str) -> None:
         """SIGKILL the node's raylet, as a lost machine or a spot preemption would."""

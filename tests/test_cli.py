@@ -58,15 +58,34 @@ def test_errors_are_one_line_with_an_exit_status(capsys):
     assert capsys.readouterr().err == "fc7 serve: interrupted\n"
 
 
-@pytest.mark.parametrize("script", ["extract", "build_index", "query", "train_classifier",
-                                    "predict", "serve"])
-def test_job_scripts_run_as_plain_python_files_as_ray_job_submit_runs_them(script, tmp_path):
+SCRIPTS = ["extract", "build_index", "query", "train_classifier", "predict", "serve",
+           "duplicates", "audit", "map"]
+
+
+@pytest.fixture(scope="module")
+def script_helps(tmp_path_factory):
+    """`python jobs/SCRIPT.py --help` for every script, all started at once: each is seconds
+    of imports on one core, and the machine has more."""
+    home = tmp_path_factory.mktemp("home")
     # From another folder, without the package on sys.path: as `ray job submit` runs them.
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / f"{script}.py"), "--help"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-    assert done.returncode == 0, done.stderr
-    assert "usage:" in done.stdout and "(default: " in done.stdout
+    runs = {
+        script: subprocess.Popen([sys.executable, str(REPO / "jobs" / f"{script}.py"), "--help"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=home, env={"PATH": "/usr/bin:/bin", "HOME": str(home)})
+        for script in SCRIPTS
+    }
+    yield runs
+    for process in runs.values():
+        if process.poll() is None:  # a test failed before reading it
+            process.kill()
+            process.communicate()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_job_scripts_run_as_plain_python_files_as_ray_job_submit_runs_them(script, script_helps):
+    stdout, stderr = script_helps[script].communicate(timeout=120)
+    assert script_helps[script].returncode == 0, stderr
+    assert "usage:" in stdout and "(default: " in stdout
 
 
 def test_a_bad_value_exits_2_naming_the_flag():
@@ -82,6 +101,9 @@ def test_a_bad_value_exits_2_naming_the_flag():
     ("extract", "pipeline.extract.config:ExtractConfig"),
     ("index", "pipeline.index.config:IndexConfig"),
     ("train", "pipeline.classify.config:TrainConfig"),
+    ("duplicates", "pipeline.curate.config:DuplicatesConfig"),
+    ("audit", "pipeline.curate.config:AuditConfig"),
+    ("map", "pipeline.curate.config:MapConfig"),
 ])
 def test_each_yaml_config_is_valid_and_shows_every_option_at_its_default(name, model):
     import importlib

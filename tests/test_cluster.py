@@ -1,11 +1,13 @@
 """`fc7 extract` on a real multi-node Ray cluster on this machine: workers on every node, a
-node lost mid-run, a node that joins mid-run, and a shard that crashes every worker.
+node lost mid-run, a node that joins mid-run, and a shard that crashes every worker; and on the
+same cluster, `fc7 index --runner ray` with a node lost mid-build.
 
 The head has no CPUs, so every worker runs on a worker node of one CPU (one worker each).
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import subprocess
 import sys
@@ -15,8 +17,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import jpeg_bytes
+from conftest import REPO, clustered_vectors, jpeg_bytes, write_embeddings
 from ray_cluster import RAY, RayCluster, two_worker_nodes
+
+from pipeline.index import IndexConfig, build_index
+from pipeline.index.idmap import IDS_FILE, LOOKUP_FILE
+from pipeline.store import EmbeddingDataset
 
 pytestmark = [
     pytest.mark.slow,
@@ -161,3 +167,69 @@ def test_a_worker_larger_than_every_node_fails_at_once_naming_the_nodes(cluster,
     message = run.errors[-1]
     assert "no node of the Ray cluster can hold one worker of 4 CPU (nodes: " in message
     assert message.count("(1 CPU, 0 GPU)") == 2 and "(0 CPU, 0 GPU)" in message
+
+
+# The index build on the same cluster (a cluster's start is half a minute of the suite): Ray
+# tasks fill the IVF lists, one node is lost mid-build, and the index equals the one built in a
+# single process byte for byte.
+def build(embeddings: Path, out: Path, **options):
+    config = IndexConfig(embeddings=str(embeddings), out=str(out), **options)
+    return build_index(config, EmbeddingDataset.open(str(embeddings)))
+
+
+def test_ray_build_on_two_nodes_equals_the_local_build_with_a_node_lost(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    # After the tests above, node_b is lost and node_c has joined: two nodes all the same.
+    *_, victim = live = cluster.live_workers()
+    assert len(live) == 2, live
+    x, labels = clustered_vectors(200_000, 32, clusters=200, seed=5)
+    emb = write_embeddings(tmp_path / "emb", x, labels=[str(c) for c in labels], shards=40)
+    options = ["--kind", "ivf-pq", "--train-sample", "20000"]
+    build(emb, tmp_path / "local", kind="ivf-pq", train_sample=20000, runner="local")
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "index", str(emb), "--out", str(tmp_path / "ray"),
+         *options, "--runner", "ray"],
+        env=dict(cluster.client_env(), PYTHONUNBUFFERED="1"), cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # Both streams read by threads to the end: `communicate` would race them for the lines.
+    output: list[str] = []
+    errors: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: output.extend(process.stdout), daemon=True),
+        threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("merged range 1/" in line for line in errors):
+            assert process.poll() is None, "".join(errors)
+            assert time.monotonic() < deadline, "".join(errors)
+            time.sleep(0.05)
+        cluster.kill_node(victim)  # mid-build: its task and the parts it holds are lost
+        killed_at = len(errors)
+        process.wait(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    for reader in readers:
+        reader.join(timeout=30)
+    out = "".join(output)
+    log = "".join(errors)
+    assert process.returncode == 0, log
+    total = int(log.split("merged range 1/")[1].split()[0])
+    assert any(f"merged range {total}/{total}" in line for line in errors[killed_at:]), log
+    assert "vectors added by Ray tasks" in out
+    for name in ("index.faiss", IDS_FILE, LOOKUP_FILE):
+        assert filecmp.cmp(tmp_path / "local" / name, tmp_path / "ray" / name, shallow=False)
+    local = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    ray = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert ray["runner"] == "ray" and local["runner"] == "local"
+    assert ray["recall_at_10"] == local["recall_at_10"]
+    assert ray["search_params"] == local["search_params"]
+
+

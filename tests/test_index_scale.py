@@ -1,22 +1,19 @@
-"""The index at collection scale: the id map's memory at 2M rows, repeated ids found in bounded
-memory, inverted lists merged in order, and the build filled by Ray tasks on a two-node cluster
-(one node lost mid-build) giving the single-process index byte for byte."""
+"""The index at collection scale: the id map's memory at 1M rows, repeated ids found in bounded
+memory, inverted lists merged in order. The build filled by Ray tasks on a two-node cluster (one
+node lost mid-build) giving the single-process index byte for byte is in test_cluster.py, on
+that module's cluster."""
 
 from __future__ import annotations
 
-import filecmp
 import json
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import REPO, clustered_vectors, test_provenance, write_embeddings
-from ray_cluster import RAY, RayCluster, two_worker_nodes
 
 from pipeline.errors import ConfigError
 from pipeline.fs import resolve
@@ -97,7 +94,7 @@ def test_repeated_ids_within_and_across_shards_keep_their_first_row(tmp_path: Pa
 
 MEMORY_PROBE = textwrap.dedent(
     """
-    import json, sys, tracemalloc
+    import json, os, sys, tracemalloc
     import numpy as np
     from pipeline.search import SimilarityIndex
 
@@ -126,17 +123,20 @@ MEMORY_PROBE = textwrap.dedent(
     labels = [None] * rows
     positions = {item: position for position, item in enumerate(ids)}
     lists = tracemalloc.get_traced_memory()[1]
-    print(json.dumps({"ours": ours, "ours_anon": ours_anon, "lists": lists}))
+    print(json.dumps({"ours": ours, "ours_anon": ours_anon, "lists": lists}), flush=True)
+    os._exit(0)  # not seconds of freeing millions of traced objects
     """
 )
 
 
-def test_the_id_map_of_2m_rows_takes_a_small_fraction_of_python_lists(tmp_path: Path) -> None:
-    rows = 2_000_000
+def test_the_id_map_of_1m_rows_takes_a_small_fraction_of_python_lists(tmp_path: Path) -> None:
+    # Measured here at 2M rows: lists 451.7 MB, ours 8.4 MB, ours_anon 66.6 MB; at 1M: 224.6,
+    # 8.4 (the same: it does not grow with the rows) and 34.2 MB.
+    rows = 1_000_000
     x = np.random.default_rng(0).random((rows, 8), dtype=np.float32)
     emb = write_embeddings(tmp_path / "emb", x, shards=4)
     build(emb, tmp_path / "index", kind="flat", eval_queries=200, metric="l2")
-    assert (tmp_path / "index" / IDS_FILE).stat().st_size > 50_000_000
+    assert (tmp_path / "index" / IDS_FILE).stat().st_size > 25_000_000
     assert (tmp_path / "index" / LOOKUP_FILE).stat().st_size == 2 * 8 * rows + 128
     done = subprocess.run(
         [sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "index"), str(rows)],
@@ -145,73 +145,11 @@ def test_the_id_map_of_2m_rows_takes_a_small_fraction_of_python_lists(tmp_path: 
     assert done.returncode == 0, done.stderr
     memory = json.loads(done.stdout.strip().splitlines()[-1])
     print(memory)
-    assert memory["lists"] > 300_000_000  # what the lists of fc7 0.x took, measured here
+    assert memory["lists"] > 150_000_000  # what the lists of fc7 0.x took, measured here
     # Opening, 10,000 lookups by id and 100 searches: Python allocations and resident
-    # anonymous memory (the FAISS index of 64 MB included) both far below the lists.
+    # anonymous memory (the FAISS index of 32 MB included) both far below the lists.
     assert memory["ours"] < memory["lists"] / 20
     assert memory["ours_anon"] < memory["lists"] / 3
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    if not Path(RAY).exists():
-        pytest.skip("the ray command is not installed")
-    with two_worker_nodes(tmp_path_factory.mktemp("index-cluster")) as cluster:
-        yield cluster
-
-
-@pytest.mark.slow
-def test_ray_build_on_two_nodes_equals_the_local_build_with_a_node_lost(
-    cluster: RayCluster, tmp_path: Path
-) -> None:
-    x, labels = clustered_vectors(200_000, 32, clusters=200, seed=5)
-    emb = write_embeddings(tmp_path / "emb", x, labels=[str(c) for c in labels], shards=40)
-    options = ["--kind", "ivf-pq", "--train-sample", "20000"]
-    build(emb, tmp_path / "local", kind="ivf-pq", train_sample=20000, runner="local")
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "index", str(emb), "--out", str(tmp_path / "ray"),
-         *options, "--runner", "ray"],
-        env=dict(cluster.client_env(), PYTHONUNBUFFERED="1"), cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    # Both streams read by threads to the end: `communicate` would race them for the lines.
-    output: list[str] = []
-    errors: list[str] = []
-    readers = [
-        threading.Thread(target=lambda: output.extend(process.stdout), daemon=True),
-        threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True),
-    ]
-    for reader in readers:
-        reader.start()
-    try:
-        deadline = time.monotonic() + 300
-        while not any("merged range 1/" in line for line in errors):
-            assert process.poll() is None, "".join(errors)
-            assert time.monotonic() < deadline, "".join(errors)
-            time.sleep(0.05)
-        cluster.kill_node("node_b")  # mid-build: its task and the parts it holds are lost
-        killed_at = len(errors)
-        process.wait(timeout=600)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-    for reader in readers:
-        reader.join(timeout=30)
-    out = "".join(output)
-    log = "".join(errors)
-    assert process.returncode == 0, log
-    total = int(log.split("merged range 1/")[1].split()[0])
-    assert any(f"merged range {total}/{total}" in line for line in errors[killed_at:]), log
-    assert "vectors added by Ray tasks" in out
-    for name in ("index.faiss", IDS_FILE, LOOKUP_FILE):
-        assert filecmp.cmp(tmp_path / "local" / name, tmp_path / "ray" / name, shallow=False)
-    local = json.loads((tmp_path / "local" / "manifest.json").read_text())
-    ray = json.loads((tmp_path / "ray" / "manifest.json").read_text())
-    assert ray["runner"] == "ray" and local["runner"] == "local"
-    assert ray["recall_at_10"] == local["recall_at_10"]
-    assert ray["search_params"] == local["search_params"]
 
 
 def test_max_memory_refuses_an_index_that_cannot_fit_before_any_work(tmp_path: Path) -> None:

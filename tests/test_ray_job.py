@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -45,15 +46,24 @@ def test_ray_job_submit_runs_extract_index_and_train_on_a_started_head(tmp_path)
                       "--weights", "random:0")
         assert "embedded 12, failed 0" in logs
         assert pq.read_table(out).num_rows == 12
-        submit("jobs/build_index.py", str(out), "--out", str(tmp_path / "index"))
+        # The jobs that read the embeddings, submitted side by side as users of one cluster
+        # do (one after another they took 40 s, mostly each driver's imports).
+        with ThreadPoolExecutor(3) as jobs:
+            flat = jobs.submit(submit, "jobs/build_index.py", str(out),
+                               "--out", str(tmp_path / "index"))
+            # An IVF index filled by Ray tasks on the cluster's worker node.
+            ivf = jobs.submit(submit, "jobs/build_index.py", str(out),
+                              "--out", str(tmp_path / "ivf"), "--kind", "ivf-flat",
+                              "--runner", "ray")
+            classifier = jobs.submit(submit, "jobs/train_classifier.py", str(out),
+                                     "--out", str(tmp_path / "classifier"),
+                                     "--test-size", "0.34")
+            flat.result()
+            classifier.result()
+            logs = ivf.result()
         assert SimilarityIndex.open(tmp_path / "index").manifest["count"] == 12
-        # An IVF index filled by Ray tasks on the cluster's worker node.
-        logs = submit("jobs/build_index.py", str(out), "--out", str(tmp_path / "ivf"),
-                      "--kind", "ivf-flat", "--runner", "ray")
         assert "vectors added by Ray tasks" in logs
         assert SimilarityIndex.open(tmp_path / "ivf").manifest["runner"] == "ray"
-        submit("jobs/train_classifier.py", str(out), "--out", str(tmp_path / "classifier"),
-               "--test-size", "0.34")
         assert Classifier.load(tmp_path / "classifier").classes == [
             "airplanes", "dalmatian", "sunflower"]
     finally:

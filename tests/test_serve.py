@@ -7,6 +7,7 @@ images are embedded independently with `Embedder`, predictions with the loaded `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -64,7 +65,8 @@ def extract(folder: Path, out: Path) -> Path:
     """An extraction output of `folder` (random:0 fc7), as `fc7 extract` writes it, without Ray."""
     inputs = list(iter_inputs(str(folder)))
     embedder = Embedder(load_weights("random:0"), "fc7", "cpu")
-    vectors, errors = embedder.embed_bytes([Path(i.path).read_bytes() for i in inputs])
+    data = [Path(i.path).read_bytes() for i in inputs]
+    vectors, errors = embedder.embed_bytes(data)
     table = build_table(
         embedder.provenance.stamped(),
         [i.id for i in inputs],
@@ -72,6 +74,7 @@ def extract(folder: Path, out: Path) -> Path:
         [i.label for i in inputs],
         vectors,
         errors,
+        [hashlib.sha256(d).hexdigest() for d in data],  # as fc7 extract records it
     )
     out.mkdir(parents=True)
     fs, base = resolve(str(out))
@@ -885,6 +888,9 @@ def test_page_and_openapi_are_served(client: TestClient) -> None:
         "/health",
         "/info",
         "/classify",
+        "/map",
+        "/duplicates",
+        "/issues",
     } <= set(paths)
     assert set(paths["/search"]) == {"get", "post"}
     assert client.get("/docs").status_code == 200
@@ -950,6 +956,9 @@ def test_cli_help_shows_defaults(capsys: pytest.CaptureFixture) -> None:
         "--request-timeout",
         "--max-connections",
         "--mmap",
+        "--map MAP_DIR",
+        "--duplicates DUP_DIR",
+        "--audit AUDIT_DIR",
     ):
         assert flag in text
 

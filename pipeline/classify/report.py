@@ -120,6 +120,13 @@ def summary_text(metrics: dict[str, Any]) -> str:
         lines.append(f"search: best {metrics['search']['best_params']}")
     if counts.get("small_classes"):
         lines.append(f"left out (too few rows): {', '.join(counts['small_classes'])}")
+    repeats = metrics.get("leaks", {}).get("test_rows_repeating_train", 0)
+    if repeats:
+        lines.append(
+            f"warning: {repeats} evaluated images repeat a training image (cosine similarity "
+            f">= {metrics['leaks']['threshold']}): the accuracy is optimistic; fc7 audit "
+            f"--test lists them"
+        )
     return "\n".join(lines)
 
 

@@ -38,6 +38,7 @@ from pipeline.classify.estimators import (
 from pipeline.classify.report import evaluate, write_report
 from pipeline.errors import ConfigError
 from pipeline.extract.plan import plan_folder
+from pipeline.neighbours import NEAR_DUPLICATE_COSINE, nearest_in
 from pipeline.quantize import int8_model_for
 from pipeline.store import EmbeddingDataset
 
@@ -209,12 +210,22 @@ def _train_in_memory(
         model = estimator.fit(x_train, y_train)
         y_pred = np.asarray(model.predict(x_test), dtype=int)
         scores = class_scores(model, x_test, len(classes))[0]
-        evaluation = Evaluation(y_test, y_pred, scores)
+        evaluation = Evaluation(y_test, y_pred, scores, {"leaks": leaks(x_train, x_test)})
         counts.update(train=len(y_train), test=len(y_test))
     if config.search:
         evaluation.extra["search"] = search_summary(model)
         model = model.best_estimator_
     return model, classes, evaluation, counts
+
+
+def leaks(x_train: np.ndarray, x_test: np.ndarray) -> dict[str, Any]:
+    """How many test rows repeat a training row (a near-duplicate: cosine similarity at or
+    above `NEAR_DUPLICATE_COSINE`), which makes the test accuracy optimistic."""
+    similarity, _ = nearest_in(x_test, x_train)
+    return {
+        "threshold": NEAR_DUPLICATE_COSINE,
+        "test_rows_repeating_train": int((similarity >= np.float32(NEAR_DUPLICATE_COSINE)).sum()),
+    }
 
 
 def _train_streaming(

@@ -405,6 +405,7 @@ def _source_entry(data: EmbeddingDataset, added: int, errors: int, duplicates: i
         "rows_added": added,
         "rows_skipped_errors": errors,
         "rows_skipped_duplicate_ids": duplicates,
+        **({"keep_ids_sha256": data.only_digest} if data.only is not None else {}),
         "added_at": _now(),
     }
 

@@ -61,6 +61,12 @@ class IndexConfig(JobConfig):
         1, "CPUs of each Ray task that fills a range of shards (--runner ray)", metavar="N"
     )
     seed: int = option(0, "seed of the training and query samples")
+    keep: str | None = option(
+        None,
+        "index only the ids listed in this Parquet or CSV file's id column, e.g. the "
+        "keep.parquet of fc7 duplicates",
+        metavar="FILE",
+    )
     add: bool = option(False, "append rows whose ids are not yet in --out, without retraining")
     overwrite: bool = option(
         False, "replace the fc7 index at --out (refused if the folder holds anything else)"

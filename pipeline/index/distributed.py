@@ -11,6 +11,8 @@ encoding is deterministic, so the part it gives back is the same.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +33,7 @@ TASK_RETRIES = 3
 def encode_part(
     trained: bytes | np.ndarray,
     uri: str,
+    only: tuple[Any, str],
     layout: RowLayout,
     shards: tuple[int, int],
     metric: str,
@@ -40,11 +43,12 @@ def encode_part(
     threads: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One Ray task: the serialised part index of `shards`, and its exact top-k (distances,
-    global positions) for `queries`."""
+    global positions) for `queries`. `only` is the driver's row restriction (`--keep`)."""
     faiss.omp_set_num_threads(threads)
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     oracle = ExactSearch(queries, metric, k)
-    encode_range(index, EmbeddingDataset.open(uri), layout, shards, metric, batch_size, oracle)
+    data = replace(EmbeddingDataset.open(uri), only=only[0], only_digest=only[1])
+    encode_range(index, data, layout, shards, metric, batch_size, oracle)
     distances, positions = oracle.results()
     return faiss.serialize_index(index), distances, positions
 
@@ -76,8 +80,8 @@ def encode_on_ray(
     empty = ray.put(faiss.serialize_index(trained))
     queries = ray.put(oracle.queries)
     pending = {
-        task.remote(empty, data.uri, layout, shards, metric, batch_size, queries, oracle.k,
-                    cpus_per_task): number
+        task.remote(empty, data.uri, (data.only, data.only_digest), layout, shards, metric,
+                    batch_size, queries, oracle.k, cpus_per_task): number
         for number, shards in enumerate(ranges)
     }
     report(f"encoding {len(ranges)} ranges of shards on Ray ({cpus} CPUs, "

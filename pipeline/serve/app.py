@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.convertors import Convertor, register_url_convertor
@@ -27,6 +27,7 @@ from pipeline.serve.config import (
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_THUMBNAIL_SIZE,
 )
+from pipeline.serve.curation import Curation
 from pipeline.serve.security import LOOPBACK_HOSTS, add_request_guards, check_host_patterns
 from pipeline.serve.service import Service
 
@@ -38,6 +39,17 @@ K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 OFFSET = Annotated[int, Query(ge=0, le=MAX_K, description="results to skip (paging)")]
 TOP = Annotated[int, Query(ge=1, le=100, description="classes in a prediction")]
 IMAGE = Annotated[UploadFile, File(description="an image file")]
+PAGE_OFFSET = Annotated[int, Query(ge=0, le=2**40, description="entries to skip (paging)")]
+GROUPS = Annotated[int, Query(ge=1, le=200, description="groups in the answer")]
+MEMBERS = Annotated[int, Query(ge=1, le=1000, description="members shown of each group")]
+ROWS = Annotated[int, Query(ge=1, le=500, description="rows in the answer")]
+ISSUE_KIND = Annotated[
+    Literal["label", "outlier", "leak"],
+    Query(
+        description="label: label issues; outlier: outliers; leak: test images that repeat "
+        "a training image"
+    ),
+]
 
 
 class _AnyId(Convertor[str]):
@@ -67,6 +79,9 @@ def create_app(
     decode_memory: int = DEFAULT_DECODE_MEMORY,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     mmap: bool | None = None,
+    map_dir: str | None = None,
+    duplicates_dir: str | None = None,
+    audit_dir: str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving the index in `index_dir`.
 
@@ -88,6 +103,9 @@ def create_app(
         mmap: memory-map the index's inverted lists and search on the CPU (True), read them
             (False), or map only an index larger than a quarter of the available memory (None);
             see `SimilarityIndex.open`.
+        map_dir: a folder made by `fc7 map` over the index's collection: the Map view (`/map`).
+        duplicates_dir: a folder made by `fc7 duplicates`: the Duplicates view (`/duplicates`).
+        audit_dir: a folder made by `fc7 audit`: the Issues view (`/issues`).
 
     Returns:
         The app; run it with uvicorn (`run_server`, `background_server`), or test it with
@@ -95,8 +113,10 @@ def create_app(
         "testserver", is not allowed).
 
     Raises:
-        ArtifactError: the index or classifier is missing or corrupt.
-        ProvenanceMismatch: the classifier was trained on different features than the index.
+        ArtifactError: the index or classifier is missing or corrupt, or a curation folder is
+            missing, of another kind, or breaks its contract.
+        ProvenanceMismatch: the classifier or a curation folder was made from different features
+            than the index.
         ConfigError: an allowed host that is not a host name pattern.
 
     Example:
@@ -117,6 +137,7 @@ def create_app(
         index.provenance.require_compatible(
             classifier.provenance, mine=f"index {index_dir}", theirs=f"classifier {classifier_dir}"
         )
+    curation = Curation.load(index, index_dir, map_dir, duplicates_dir, audit_dir)
     service = Service(index, classifier, max_upload, max_pixels, thumbnail_size, decode_memory)
     app = FastAPI(
         title="fc7 similar images",
@@ -124,6 +145,7 @@ def create_app(
         description="Find the indexed images most similar to an uploaded image or an indexed id.",
     )
     app.state.service = service
+    app.state.curation = curation
     app.state.request_timeout = request_timeout
     add_request_guards(app, allowed_hosts, max_upload, request_timeout)
     limits = {
@@ -149,11 +171,15 @@ def create_app(
             "items": len(index),
             "model_loaded": service.model_loaded,
             "mmap": index.mmap,
+            "views": curation.views(),
         }
 
-    @app.get("/info", summary="The index: kind, size, dimension, recall, provenance")
+    @app.get("/info", summary="The index: kind, size, dimension, recall, provenance; the views")
     def info() -> dict[str, Any]:
-        return _describe(index, classifier, limits)
+        return _describe(index, classifier, limits) | {
+            "views": curation.views(),
+            "curation": curation.describe(),
+        }
 
     @app.get("/items/{item_id:fc7_id}", summary="An indexed item's id, path and label")
     def item(item_id: str) -> dict[str, Any]:
@@ -214,6 +240,40 @@ def create_app(
             raise HTTPException(404, "no classifier loaded: start the server with --classifier")
         return _prediction(classifier, service.embed_upload(_read(image, max_upload)), top)
 
+    @app.get(
+        "/map",
+        summary="Every point of the map: ids, x, y, label and issue codes (columnar)",
+        response_class=Response,
+        responses={200: {"content": {"application/json": {}}}},
+    )
+    def point_map(request: Request) -> Response:
+        if curation.map is None:
+            raise _not_loaded("map", "--map MAP_DIR (made by fc7 map)")
+        found = curation.map
+        headers = {"ETag": found.etag, "Cache-Control": "no-cache", "Vary": "Accept-Encoding"}
+        if request.headers.get("if-none-match") == found.etag:
+            return Response(status_code=304, headers=headers)
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            headers["Content-Encoding"] = "gzip"
+            return Response(found.gzipped, media_type="application/json", headers=headers)
+        return Response(found.body, media_type="application/json", headers=headers)
+
+    @app.get("/duplicates", summary="Groups of duplicate images, largest first")
+    def duplicate_groups(
+        offset: PAGE_OFFSET = 0, limit: GROUPS = 20, members: MEMBERS = 24
+    ) -> dict[str, Any]:
+        if curation.duplicates is None:
+            raise _not_loaded("duplicates", "--duplicates DUP_DIR (made by fc7 duplicates)")
+        return curation.duplicates.page(offset, limit, members)
+
+    @app.get("/issues", summary="An audit's findings of one kind, most suspicious first")
+    def issues(
+        kind: ISSUE_KIND = "label", offset: PAGE_OFFSET = 0, limit: ROWS = 50
+    ) -> dict[str, Any]:
+        if curation.audit is None:
+            raise _not_loaded("issues", "--audit AUDIT_DIR (made by fc7 audit)")
+        return curation.audit.page(kind, offset, limit)
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
@@ -240,6 +300,10 @@ def _describe(
         },
         "limits": limits,
     }
+
+
+def _not_loaded(view: str, option: str) -> HTTPException:
+    return HTTPException(404, f"no {view} loaded: start the server with {option}")
 
 
 def _match(match: Match) -> dict[str, Any]:

@@ -36,6 +36,21 @@ class ServeConfig(JobConfig):
         "a model folder from `fc7 train`: image searches also return its predicted label",
         metavar="MODEL_DIR",
     )
+    map: str | None = option(
+        None,
+        "a folder made by `fc7 map` from the index's embeddings: the page's Map view",
+        metavar="MAP_DIR",
+    )
+    duplicates: str | None = option(
+        None,
+        "a folder made by `fc7 duplicates`: the page's Duplicates view",
+        metavar="DUP_DIR",
+    )
+    audit: str | None = option(
+        None,
+        "a folder made by `fc7 audit`: the page's Issues view (label issues, outliers, leaks)",
+        metavar="AUDIT_DIR",
+    )
     # Sizes as a user writes them, so that --help shows "20MB"; validated into bytes.
     max_upload: Size = option(
         f"{DEFAULT_MAX_UPLOAD // 10**6}MB",

@@ -1,6 +1,8 @@
 "use strict";
-// The search page's script (a file, not inline: the Content-Security-Policy allows no inline
-// scripts, so an injected <script> could not run).
+// The page's script: the views (tabs) and the Search view. The Map view is map.js, the
+// Duplicates and Issues views curation.js; this file runs first and they use its helpers.
+// (Files, not inline: the Content-Security-Policy allows no inline scripts, so an injected
+// <script> could not run.)
 // Results are fetched once per query (up to the chosen count) and paged here, so paging never
 // re-uploads or re-embeds the query image.
 const PAGE = 24;
@@ -10,7 +12,47 @@ let page = 0;
 let scoreName = "score";
 let lastQuery = null;
 
+// Each view's `show()`, registered by its script; called whenever its tab is opened.
+const views = { search: { show() {} } };
+
 function thumbnailUrl(id) { return "/thumbnails/" + encodeURIComponent(id); }
+
+// A thumbnail <img> of an indexed item; an id the index lacks, or whose file is gone (404),
+// gets a placeholder that says so instead of a broken image.
+function thumbnail(id, inIndex = true) {
+  const placeholder = (text) => {
+    const box = document.createElement("span");
+    box.className = "missing";
+    box.textContent = text;
+    return box;
+  };
+  if (!inIndex) return placeholder("not in the index");
+  const img = document.createElement("img");
+  img.loading = "lazy";
+  img.alt = id;
+  img.src = thumbnailUrl(id);
+  img.addEventListener("error", () => img.replaceWith(placeholder("no thumbnail")));
+  return img;
+}
+
+function showView(name) {
+  for (const tab of document.querySelectorAll("#tabs button")) {
+    tab.classList.toggle("active", tab.dataset.view === name);
+  }
+  for (const view of document.querySelectorAll(".view")) view.hidden = view.id !== `${name}-view`;
+  views[name].show();
+}
+
+// Opens a view from its tab; the address remembers it (#view=map), so a reload comes back.
+function openView(name) {
+  if (name === "search") {
+    const hash = lastQuery && lastQuery.id ? "#id=" + encodeURIComponent(lastQuery.id) : "";
+    history.replaceState(null, "", location.pathname + location.search + hash);
+  } else {
+    history.replaceState(null, "", "#view=" + name);
+  }
+  showView(name);
+}
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -32,6 +74,10 @@ async function loadInfo() {
   try {
     const response = await fetch("/info");
     const info = await response.json();
+    for (const [name, shown] of Object.entries(info.views || {})) {
+      const tab = document.querySelector(`#tabs button[data-view="${name}"]`);
+      if (tab) tab.hidden = !shown;
+    }
     const metric = String(info.metric || "").toLowerCase();
     scoreName = metric.startsWith("l2") ? "distance" : "similarity";
     const parts = [
@@ -41,8 +87,10 @@ async function loadInfo() {
     if (typeof info.recall === "number") parts.push(`recall@10 ${info.recall.toFixed(3)}`);
     if (info.classifier) parts.push(`classifier: ${info.classifier.classes.length} classes`);
     $("info").textContent = parts.join(" · ");
+    return info;
   } catch (e) {
     $("info").textContent = "index information unavailable";
+    return null;
   }
 }
 
@@ -140,6 +188,7 @@ async function searchFile(file) {
 
 async function searchId(id) {
   lastQuery = { id };
+  showView("search");
   history.replaceState(null, "", "#id=" + encodeURIComponent(id));
   const params = new URLSearchParams({ id, k: $("k").value });
   const item = await fetch("/items/" + encodeURIComponent(id)).then((r) => r.ok ? r.json() : null);
@@ -152,6 +201,9 @@ async function searchId(id) {
 $("file").addEventListener("change", (event) => {
   if (event.target.files.length) searchFile(event.target.files[0]);
 });
+for (const tab of document.querySelectorAll("#tabs button")) {
+  tab.addEventListener("click", () => openView(tab.dataset.view));
+}
 const drop = $("drop");
 drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
@@ -170,6 +222,11 @@ $("k").addEventListener("change", () => {
   else if (lastQuery) searchId(lastQuery.id);
 });
 
-loadInfo();
-const fromHash = new URLSearchParams(location.hash.slice(1)).get("id");
-if (fromHash) searchId(fromHash);
+// After every script has run (they are deferred), so that each view has registered itself.
+document.addEventListener("DOMContentLoaded", async () => {
+  const hash = new URLSearchParams(location.hash.slice(1));
+  if (hash.get("id")) searchId(hash.get("id"));
+  const info = await loadInfo();
+  const view = hash.get("view");
+  if (view && views[view] && info && info.views && info.views[view]) showView(view);
+});
