@@ -260,3 +260,8 @@ def test_map_umap_keeps_neighbourhoods_and_transforms_beyond_the_sample(
     _, near = NearestNeighbors(n_neighbors=6).fit(points).kneighbors(points)
     assert (y[near[:, 1:]] == y[:, None]).mean() > 0.9
 
+
+
+def test_audit_refuses_two_graphs_at_once(capsys) -> None:
+    assert fc7(["audit", "emb", "--out", "o", "--index", "idx", "--neighbours", "datalab"]) == 2
+    assert "choose one" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import PositiveInt, field_validator
+from pydantic import PositiveInt, field_validator, model_validator
 
 from pipeline.config import JobConfig, option
 from pipeline.neighbours import NEAR_DUPLICATE_COSINE
@@ -110,6 +110,14 @@ class AuditConfig(CurateConfig):
     batch_size: PositiveInt = option(8192, "rows read per batch", metavar="N")
     seed: int = option(0, "seed of the folds and the classifier")
     overwrite: bool = option(False, "replace the fc7 audit output in --out")
+
+
+    @model_validator(mode="after")
+    def _one_graph(self) -> AuditConfig:
+        if self.index and self.neighbours == "datalab":
+            raise ValueError("--index gives Datalab FAISS's graph; --neighbours datalab asks "
+                             "for Datalab's own: choose one")
+        return self
 
 
 class MapConfig(CurateConfig):
