@@ -14,7 +14,12 @@
 Every ratio is printed against (a): steady over steady, whole over whole. Random weights (the
 speed is the same as ImageNet's; the int8 fidelity figures are not: see the printed gate).
 
+With --model, instead, each named backbone (`all`: every one fc7 offers) at its default layer:
+the naive script with that torchvision network and its weights' transforms, against
+`fc7 extract --model`, steady state and whole command, with the ratio.
+
     python bench/extract.py [--per-class 20] [--ray]
+    python bench/extract.py --model all --per-class 5
 """
 
 import argparse
@@ -33,11 +38,14 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.decode import decode_image  # noqa: E402
 from pipeline.model import Embedder, load_weights  # noqa: E402
+from pipeline.provenance import MODEL_LAYERS  # noqa: E402
 
 CALTECH = REPO.parent / "shared/datasets/caltech101/101_ObjectCategories"
 
-# What a user writes without fc7, timed from the interpreter's start to its end.
-NAIVE_SCRIPT = """
+# What a user writes without fc7, timed from the interpreter's start to its end: AlexNet to
+# fc7, or (argv[4]) any torchvision network whole, its last layer costing little next to the
+# convolutions; each with its ImageNet weights' transforms.
+NAIVE_ALEXNET = """
 import sys, time, numpy as np, torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
@@ -45,6 +53,16 @@ from torchvision.models import AlexNet_Weights, alexnet
 model = alexnet().eval()
 model.classifier = model.classifier[:6]  # fc7, after its ReLU
 data = ImageFolder(sys.argv[1], transform=AlexNet_Weights.IMAGENET1K_V1.transforms())
+"""
+NAIVE_ANY = """
+import sys, time, numpy as np, torch, torchvision
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+model = torchvision.models.get_model(sys.argv[4]).eval()
+transform = torchvision.models.get_model_weights(sys.argv[4]).DEFAULT.transforms()
+data = ImageFolder(sys.argv[1], transform=transform)
+"""
+NAIVE_LOOP = """
 vectors = []
 with torch.inference_mode():
     for i, (images, _) in enumerate(DataLoader(data, batch_size=64, num_workers=int(sys.argv[3]))):
@@ -70,12 +88,12 @@ def as_folder(files: list[Path], root: Path) -> Path:
     return root
 
 
-def naive(folder: Path, scratch: Path, workers: int) -> tuple[float, float]:
+def naive(folder: Path, scratch: Path, workers: int, model: str = "") -> tuple[float, float]:
     script = scratch / "naive.py"
-    script.write_text(NAIVE_SCRIPT)
+    script.write_text((NAIVE_ANY if model else NAIVE_ALEXNET) + NAIVE_LOOP)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, str(script), str(folder), str(scratch / "naive.npy"),
-                           str(workers)], capture_output=True, text=True, check=True)
+                           str(workers), model], capture_output=True, text=True, check=True)
     whole = time.perf_counter() - started
     return whole, float(re.search(r"steady ([\d.]+)", done.stdout).group(1))
 
@@ -116,6 +134,30 @@ def bundled_example(scratch: Path) -> tuple[float, float]:
     return min(imports), min(whole)
 
 
+def per_backbone(models: list[str], files: list[Path], args: argparse.Namespace) -> None:
+    """Each model at its default layer: the naive script against `fc7 extract --model`."""
+    count = len(files)
+    table = []
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        folder = as_folder(files, scratch / "photos")
+        for model in models:
+            layer = next(iter(MODEL_LAYERS[model]))
+            naive_whole, naive_steady = naive(folder, scratch, args.workers, model)
+            whole, steady, _ = fc7_extract(folder, scratch / model, "--model", model,
+                                           "--batch-size", str(args.batch_size))
+            table.append((model, layer, MODEL_LAYERS[model][layer], naive_steady, steady,
+                          count / naive_whole, count / whole))
+            print(f"{model}: naive {naive_steady:.1f} img/s steady ({naive_whole:.1f} s whole), "
+                  f"fc7 extract {steady:.1f} img/s steady ({whole:.1f} s whole)", flush=True)
+    print(f"\n{'model':<16} {'layer':<8} {'width':>6}  {'naive':>7}  {'fc7':>7}  ratio  "
+          f"(steady img/s; whole command: naive, fc7, ratio)")
+    for model, layer, width, naive_steady, steady, naive_whole, whole in table:
+        print(f"{model:<16} {layer:<8} {width:>6}  {naive_steady:7.1f}  {steady:7.1f}  "
+              f"{steady / naive_steady:4.2f}x  ({naive_whole:.1f}, {whole:.1f}, "
+              f"{whole / naive_whole:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +167,8 @@ def main() -> None:
                         help="DataLoader workers of the naive script (default: CPU count)")
     parser.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     parser.add_argument("--ray", action="store_true", help="also time --runner ray")
+    parser.add_argument("--model", action="append", choices=[*MODEL_LAYERS, "all"],
+                        help="time these backbones instead (repeat it, or 'all')")
     args = parser.parse_args()
     if not CALTECH.is_dir():
         sys.exit(f"{CALTECH} is absent: this benchmark needs ../shared/datasets")
@@ -132,6 +176,9 @@ def main() -> None:
     count = len(files)
     print(f"{count} photos, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
+    if args.model:
+        per_backbone(list(MODEL_LAYERS) if "all" in args.model else args.model, files, args)
+        return
     rows = []  # (label, images/s, steady or whole)
 
     def show(label: str, per_second: float, kind: str) -> None:

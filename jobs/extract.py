@@ -32,6 +32,8 @@ from pipeline.sources import iter_inputs  # noqa: E402
 EPILOG = """examples:
   fc7 extract photos/ --out embeddings/                   ImageNet weights, fc7, all cores/GPUs
   fc7 extract list.csv --out emb/ --layer fc6 --dtype float16
+  fc7 extract photos/ --out emb/ --model resnet50            ResNet-50's avgpool (2048-d)
+  fc7 extract photos/ --out emb/ --weights ft/model.pt       a network fc7 finetune trained
   fc7 extract s3://bucket/images --out s3://bucket/embeddings --num-workers 8
   fc7 extract photos/ --out emb/ --weights random --limit 100    smoke test, no download
   fc7 extract list.parquet --out emb/ --dry-run      plan, sum up and estimate; embed nothing
@@ -40,8 +42,8 @@ Run the same command again to resume an interrupted run."""
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(ExtractConfig, argv, "fc7 extract",
-                          "Embed images with AlexNet into Parquet.", EPILOG)
-    weights = load_weights(config.weights)
+                          "Embed images with AlexNet (or --model) into Parquet.", EPILOG)
+    weights = load_weights(config.weights, config.model)
     provenance = make_provenance(
         weights, config.layer, config.dtype,
         precision=resolve_precision(config.precision, config.device),

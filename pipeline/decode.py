@@ -224,6 +224,11 @@ def decode_image(
         return crop(tensor, preprocessing), width, height
 
 
+def interpolation(preprocessing: Preprocessing) -> F.InterpolationMode:
+    """The resize's interpolation: bilinear for most models, bicubic for EfficientNet."""
+    return F.InterpolationMode(preprocessing.interpolation)
+
+
 def crop(tensor: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
     """A decoded (channels, height, width) uint8 image, one channel or three, resized and
     center-cropped to the model's (3, crop, crop) uint8 input.
@@ -232,7 +237,8 @@ def crop(tensor: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
         >>> crop(torch.zeros(3, 300, 400, dtype=torch.uint8), Preprocessing()).shape
         torch.Size([3, 224, 224])
     """
-    tensor = F.resize(tensor, [preprocessing.resize], antialias=preprocessing.antialias)
+    tensor = F.resize(tensor, [preprocessing.resize], interpolation(preprocessing),
+                      antialias=preprocessing.antialias)
     tensor = F.center_crop(tensor, [preprocessing.crop])
     # Grayscale is resized as one channel (the same numbers as three equal channels).
     return tensor.expand(3, -1, -1).contiguous()

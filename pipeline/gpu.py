@@ -59,6 +59,7 @@ from pipeline.decode import (
     ImageDecodeError,
     decode_image,
     has_exif_orientation,
+    interpolation,
     read_header,
 )
 from pipeline.provenance import Preprocessing
@@ -219,6 +220,7 @@ class GpuJpegDecoder:
         for indices in groups.values():
             batch = torch.stack([images[i] for i in indices])
             batch = F.resize(batch, [self.preprocessing.resize],
+                             interpolation(self.preprocessing),
                              antialias=self.preprocessing.antialias)
             batch = F.center_crop(batch, [self.preprocessing.crop])
             for i, crop in zip(indices, batch, strict=True):

@@ -1,12 +1,14 @@
-"""torchvision's AlexNet cut at a layer (fc7, fc6, pool5), with its weights and provenance.
+"""A torchvision network cut at a layer, with its weights and provenance.
 
-FC7 is the output of the second 4096-wide Linear layer after its ReLU: `classifier[:6]` in eval
-mode (dropout off), as Caffe's in-place relu7 gave it.
+AlexNet by default (fc7, fc6, pool5), or another of `pipeline.backbones`. FC7 is the output of
+the second 4096-wide Linear layer after its ReLU: `classifier[:6]` in eval mode (dropout off),
+as Caffe's in-place relu7 gave it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import urllib.error
 from dataclasses import dataclass
@@ -16,8 +18,8 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import AlexNet_Weights, alexnet
 
+from pipeline.backbones import Backbone, backbone
 from pipeline.config import DEVICE_ALIASES
 from pipeline.decode import (
     DEFAULT_DECODE_MEMORY,
@@ -27,23 +29,40 @@ from pipeline.decode import (
     decode_image,
 )
 from pipeline.errors import ConfigError, ProvenanceMismatch, WeightsError
-from pipeline.provenance import LAYER_WIDTHS, Preprocessing, Provenance, file_sha256
+from pipeline.provenance import (
+    DEFAULT_MODEL,
+    Preprocessing,
+    Provenance,
+    check_layer,
+    file_sha256,
+    layer_width,
+    preprocessing_for,
+)
 from pipeline.quantize import RUNTIME, Int8Session, int8_model_for, runtime_version
 
-IMAGENET_WEIGHTS = AlexNet_Weights.IMAGENET1K_V1
-# How many modules of `alexnet().classifier` each layer runs (fc7 ends after its ReLU).
-_CLASSIFIER_DEPTH = {"fc7": 6, "fc6": 3, "pool5": 0}
+IMAGENET_WEIGHTS = backbone(DEFAULT_MODEL).imagenet
+# What `fc7 finetune` writes next to its model.pt: the weights it started from.
+FINETUNE_KIND = "fc7.finetune"
 # torch.hub's convention: a file named NAME-<sha256 prefix>.pth carries its own checksum.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.pth?$")
 
 
 @dataclass(frozen=True)
 class Weights:
-    """A loaded AlexNet state dict and what identifies it."""
+    """A loaded state dict of one of `pipeline.backbones` and what identifies it."""
 
     spec: str  # what the user asked for: "imagenet", "random:0" or a file path
     sha256: str
     state_dict: dict[str, torch.Tensor]
+    model: str = DEFAULT_MODEL
+    # The head's width: 1000 for ImageNet, the classes of a fine-tuned model.
+    num_classes: int = 1000
+    # Fine-tuned weights: the weights they were trained from, oldest first.
+    chain: tuple[dict[str, str], ...] = ()
+
+    @property
+    def backbone(self) -> Backbone:
+        return backbone(self.model)
 
 
 def parse_weights_spec(spec: str) -> str:
@@ -62,25 +81,30 @@ def parse_weights_spec(spec: str) -> str:
     return str(Path(spec).expanduser().resolve())
 
 
-def load_weights(spec: str) -> Weights:
-    """Load AlexNet weights named by `spec` (see `parse_weights_spec`).
+def load_weights(spec: str, model: str = DEFAULT_MODEL) -> Weights:
+    """Load `model`'s weights named by `spec` (see `parse_weights_spec`).
+
+    A file may be a fine-tuned network (`fc7 finetune`'s model.pt): its head has another width,
+    and the manifest.json beside it names the weights it was trained from (`Weights.chain`).
 
     Raises:
+        ConfigError: a model fc7 does not offer.
         WeightsError: not in the cache and not downloadable, unreadable, wrong checksum, or not
-            an AlexNet state dict. The message names the ways out.
+            a state dict of `model`. The message names the ways out.
     """
     spec = parse_weights_spec(spec)
+    network = backbone(model)
     if spec.startswith("random:"):
         with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
             torch.manual_seed(int(spec.partition(":")[2]))
-            state_dict = alexnet(weights=None).state_dict()
+            state_dict = network.build().state_dict()
         digest = hashlib.sha256()
         for name, tensor in state_dict.items():
             digest.update(name.encode())
             digest.update(tensor.numpy().tobytes())
-        return Weights(spec, digest.hexdigest(), state_dict)
+        return Weights(spec, digest.hexdigest(), state_dict, model)
     if spec == "imagenet":
-        path = _imagenet_weights_file()
+        path = _imagenet_weights_file(network)
     else:
         path = Path(spec)
         if not path.is_file():
@@ -90,26 +114,55 @@ def load_weights(spec: str) -> Weights:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise WeightsError(f"--weights {path}: not a readable torch state dict ({err})") from err
-    with torch.device("meta"):  # the names and shapes only, without initialising 61M weights
-        expected = alexnet(weights=None).state_dict()
+    with torch.device("meta"):  # the names and shapes only, without initialising the weights
+        expected = network.build().state_dict()
     if not isinstance(state_dict, dict) or set(state_dict) != set(expected):
         keys = sorted(state_dict)[:4] if isinstance(state_dict, dict) else type(state_dict)
         raise WeightsError(
-            f"--weights {path}: not a torchvision AlexNet state dict (keys like {keys})"
+            f"--weights {path}: not a torchvision {model} state dict (keys like {keys}); "
+            f"pass --model to name the network it belongs to"
         )
-    return Weights(spec, sha256, state_dict)
+    head = state_dict[f"{network.head}.weight"]
+    return Weights(spec, sha256, state_dict, model, head.shape[0], _chain(path, model, sha256))
 
 
-def _imagenet_weights_file() -> Path:
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+def _chain(path: Path, model: str, sha256: str) -> tuple[dict[str, str], ...]:
+    """The weights a fine-tuned file was trained from, read from its manifest.json."""
+    manifest_path = path.parent / "manifest.json"
+    if not manifest_path.is_file():
+        return ()
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as err:
+        raise WeightsError(f"{manifest_path}: not valid JSON ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("kind") != FINETUNE_KIND:
+        return ()  # another tool's manifest: the file is plain weights
+    if manifest.get("model") != model:
+        raise WeightsError(
+            f"--weights {path}: fine-tuned from {manifest.get('model')}, not {model}; pass "
+            f"--model {manifest.get('model')}"
+        )
+    if manifest.get("model_sha256") not in (None, sha256):
+        raise WeightsError(
+            f"--weights {path}: its sha256 {sha256[:12]}... is not the {manifest_path.name}'s "
+            f"{str(manifest['model_sha256'])[:12]}...: the file was replaced or is corrupt"
+        )
+    base = manifest.get("base_weights") or {}
+    return (*base.get("chain", ()), {"weights": base.get("weights", ""),
+                                     "sha256": base.get("sha256", "")})
+
+
+def _imagenet_weights_file(network: Backbone) -> Path:
+    url = network.imagenet.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if cached.is_file():
         return cached
     try:
-        torch.hub.load_state_dict_from_url(IMAGENET_WEIGHTS.url, progress=True, check_hash=True)
+        torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         raise WeightsError(
-            f"--weights imagenet: the ImageNet AlexNet weights are not in the torch hub cache "
-            f"({cached}) and could not be downloaded ({err}). Ways out: (1) copy "
+            f"--weights imagenet: the ImageNet {network.name} weights are not in the torch hub "
+            f"cache ({cached}) and could not be downloaded ({err}). Ways out: (1) copy "
             f"{cached.name} into {cached.parent} (or set TORCH_HOME); (2) pass "
             f"--weights /path/to/{cached.name}; (3) pass --weights random for a smoke test."
         ) from err
@@ -138,11 +191,13 @@ def make_provenance(
     precision (as `resolve_precision` returns it). An int8 provenance names no model yet:
     `pipeline.extract.calibrate.prepare_int8` builds it and records its sha256."""
     return Provenance(
+        model=weights.model,
         weights=weights.spec,
         weights_sha256=weights.sha256,
+        weights_chain=weights.chain,
         layer=layer,
-        dim=LAYER_WIDTHS[layer],
-        preprocessing=preprocessing or Preprocessing(),
+        dim=layer_width(weights.model, layer),
+        preprocessing=preprocessing or preprocessing_for(weights.model),
         dtype=dtype,
         torch_version=torch.__version__,
         torchvision_version=torchvision.__version__,
@@ -201,7 +256,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Embedder:
-    """AlexNet up to `layer`, loaded once; call it on a uint8 batch to get embeddings.
+    """A network (AlexNet by default) up to `layer`, loaded once; call it on a uint8 batch to
+    get embeddings.
 
     `precision` fp32 runs torch in fp32; fp16 and auto autocast to fp16 on CUDA (fp32 on the
     CPU); int8 runs `int8_model` (serialised ONNX, see `pipeline.quantize`) in ONNX Runtime on
@@ -216,7 +272,7 @@ class Embedder:
     def __init__(
         self,
         weights: Weights,
-        layer: str = "fc7",
+        layer: str | None = None,
         device: str = "auto",
         dtype: str = "float32",
         preprocessing: Preprocessing | None = None,
@@ -224,15 +280,14 @@ class Embedder:
         precision: str = "auto",
         int8_model: bytes | None = None,
     ):
-        if layer not in _CLASSIFIER_DEPTH:
-            raise ConfigError(f"--layer {layer}: must be one of {', '.join(_CLASSIFIER_DEPTH)}")
+        _, layer = check_layer(weights.model, layer)  # None: the model's default layer
         if (precision == "int8") != (int8_model is not None):
             raise ConfigError("precision int8 needs an int8 model, and only it (Embedder.matching)")
         self.weights = weights
         self.layer = layer
         self.dtype = dtype
         self.precision = precision
-        self.preprocessing = preprocessing or Preprocessing()
+        self.preprocessing = preprocessing or preprocessing_for(weights.model)
         # Shared by every thread that decodes for this model (decode pool, server requests).
         self.decode_budget = DecodeBudget(decode_memory)
         self.session: Int8Session | None = None
@@ -254,6 +309,11 @@ class Embedder:
         std = torch.tensor(self.preprocessing.std).view(shape)
         self.scale = (1 / (255 * std)).to(self.device)
         self.shift = (-mean / std).to(self.device)
+
+    @property
+    def dim(self) -> int:
+        """The width of the embeddings."""
+        return layer_width(self.weights.model, self.layer)
 
     @property
     def provenance(self) -> Provenance:
@@ -303,7 +363,7 @@ class Embedder:
                 errors.append(None)
             except ImageDecodeError as err:
                 errors.append(str(err))
-        vectors = np.zeros((len(images), LAYER_WIDTHS[self.layer]), dtype=np.float32)
+        vectors = np.zeros((len(images), self.dim), dtype=np.float32)
         if tensors:
             ok = [i for i, error in enumerate(errors) if error is None]
             vectors[ok] = self(torch.stack(tensors))
@@ -332,7 +392,12 @@ class Embedder:
                 `model_dirs`, or names no model (an extraction stopped before it was built).
             ConfigError: an int8 provenance and `device` cuda.
         """
-        weights = weights or load_weights(provenance.weights)
+        weights = weights or load_weights(provenance.weights, provenance.model)
+        if weights.model != provenance.model:
+            raise ProvenanceMismatch(
+                f"weights {weights.spec} are {weights.model}'s, the artifact was made with "
+                f"{provenance.model}"
+            )
         if weights.sha256 != provenance.weights_sha256:
             raise ProvenanceMismatch(
                 f"weights {provenance.weights}: sha256 here is {weights.sha256[:12]}..., the "
@@ -354,16 +419,17 @@ class Embedder:
         return embedder
 
 
-def build_network(weights: Weights, layer: str) -> nn.Sequential:
-    """torchvision's AlexNet with `weights`, cut after `layer`, in eval mode, on the CPU."""
-    # Built on the meta device and given the loaded tensors (assign): initialising the 61M
-    # weights only to overwrite them took 0.4 s of every start.
+def full_network(weights: Weights) -> nn.Module:
+    """The whole torchvision network with `weights` (its head included), in eval mode, on the
+    CPU."""
+    # Built on the meta device and given the loaded tensors (assign): initialising the weights
+    # only to overwrite them took 0.4 s of every start (AlexNet's 61M).
     with torch.device("meta"):
-        network = alexnet(weights=None)
+        network = weights.backbone.build(weights.num_classes)
     network.load_state_dict(weights.state_dict, assign=True)
-    return nn.Sequential(
-        network.features,
-        network.avgpool,
-        nn.Flatten(1),
-        *network.classifier[: _CLASSIFIER_DEPTH[layer]],
-    ).eval()
+    return network.eval()
+
+
+def build_network(weights: Weights, layer: str) -> nn.Sequential:
+    """The network with `weights`, cut after `layer`, in eval mode, on the CPU."""
+    return weights.backbone.cut(full_network(weights), layer)

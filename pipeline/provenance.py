@@ -12,12 +12,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline import __version__
-from pipeline.errors import ArtifactError, ProvenanceMismatch
+from pipeline.errors import ArtifactError, ConfigError, ProvenanceMismatch
 
 SCHEMA_VERSION = 1
 PARQUET_METADATA_KEY = b"fc7.provenance"
@@ -25,11 +25,56 @@ PARQUET_METADATA_KEY = b"fc7.provenance"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# The layers fc7 can output, in the order `--help` lists them, and their widths.
-LAYER_WIDTHS = {"fc7": 4096, "fc6": 4096, "pool5": 9216}
-Layer = Literal["fc7", "fc6", "pool5"]
-# Outputs of a ReLU (fc6, fc7) or of a max-pool over ReLUs (pool5): never negative.
-RELU_LAYERS = frozenset(LAYER_WIDTHS)
+# The networks fc7 embeds with (`pipeline.backbones`), their layers (the default first, as
+# `--help` lists them) and the layers' widths. Here, not in `backbones` (which imports torch), so
+# that index and classifier code can check widths without loading torch.
+MODEL_LAYERS = {
+    "alexnet": {"fc7": 4096, "fc6": 4096, "pool5": 9216},
+    "vgg16": {"fc7": 4096, "fc6": 4096, "pool5": 25088},
+    "resnet50": {"avgpool": 2048, "layer4": 2048 * 7 * 7},
+    "efficientnet_b0": {"avgpool": 1280},
+}
+DEFAULT_MODEL = "alexnet"
+# EfficientNet's features end in SiLU, which dips below zero; every other layer is the output of
+# a ReLU, or of pooling over ReLUs, and is never negative.
+_SIGNED_LAYERS = frozenset({("efficientnet_b0", "avgpool")})
+# Each model's preprocessing where it differs from AlexNet's (`Preprocessing()`): that of its
+# ImageNet weights' `transforms()` (ResNet-50's IMAGENET1K_V2 resizes to 232).
+_MODEL_PREPROCESSING = {
+    "resnet50": {"resize": 232},
+    "efficientnet_b0": {"interpolation": "bicubic"},
+}
+
+
+def layer_width(model: str, layer: str) -> int:
+    """The width of `layer`'s flattened output.
+
+    Raises:
+        ConfigError: a model or layer fc7 does not offer.
+    """
+    return MODEL_LAYERS[check_layer(model, layer)[0]][layer]
+
+
+def check_layer(model: str, layer: str | None) -> tuple[str, str]:
+    """`(model, layer)`, with the model's default layer for None.
+
+    Raises:
+        ConfigError: a model fc7 does not offer, or a layer the model does not have.
+    """
+    if model not in MODEL_LAYERS:
+        raise ConfigError(f"--model {model}: must be one of {', '.join(MODEL_LAYERS)}")
+    layers = MODEL_LAYERS[model]
+    if layer is None:
+        return model, next(iter(layers))
+    if layer not in layers:
+        raise ConfigError(f"--layer {layer}: {model} offers {', '.join(layers)}")
+    return model, layer
+
+
+def is_nonnegative(model: str, layer: str) -> bool:
+    """Whether every value of this layer is >= 0 (a ReLU's output), which stored data must
+    respect."""
+    return (model, layer) not in _SIGNED_LAYERS
 
 
 # The int8 model's file name holds its sha256; here, not in `quantize` (which imports torch), so
@@ -81,7 +126,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 class Preprocessing(BaseModel):
-    """Image to tensor, as `AlexNet_Weights.IMAGENET1K_V1.transforms()` does it."""
+    """Image to tensor, as `AlexNet_Weights.IMAGENET1K_V1.transforms()` does it (other models:
+    `preprocessing_for`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -101,6 +147,11 @@ class Preprocessing(BaseModel):
         )
 
 
+def preprocessing_for(model: str) -> Preprocessing:
+    """The preprocessing of `model`'s ImageNet weights (also used with other weights)."""
+    return Preprocessing(**_MODEL_PREPROCESSING.get(model, {}))
+
+
 def _arithmetic(precision: str) -> str:
     return "int8" if precision == "int8" else "float"
 
@@ -111,9 +162,13 @@ class Provenance(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     schema_version: int = SCHEMA_VERSION
-    model: str = "alexnet"
+    model: str = DEFAULT_MODEL
     weights: str
     weights_sha256: str
+    # Fine-tuned weights: the weights they were trained from, oldest first, each
+    # {"weights": spec, "sha256": ...} (`fc7 finetune`'s manifest.json). `weights_sha256`
+    # already separates the feature spaces; this says where they came from.
+    weights_chain: tuple[dict[str, str], ...] = ()
     layer: str
     dim: int
     preprocessing: Preprocessing = Preprocessing()

@@ -55,7 +55,7 @@ from pipeline.model import (
     parse_weights_spec,
     resolve_precision,
 )
-from pipeline.provenance import PARQUET_METADATA_KEY, Layer, Preprocessing, Provenance
+from pipeline.provenance import PARQUET_METADATA_KEY, Preprocessing, Provenance, check_layer
 from pipeline.sources import DEFAULT_MAX_BYTES, InputReadError, check_file_size, read_image_bytes
 from pipeline.store import build_table
 
@@ -69,7 +69,7 @@ OUTPUT_COLUMNS = ("embedding", "error", "sha256", "width", "height")
 
 # `fc7 extract`'s own declarations (types, defaults, limits), so the two cannot disagree.
 _OPTION_NAMES = (
-    "weights", "layer", "device", "dtype", "precision", "batch_size", "max_pixels",
+    "weights", "model", "layer", "device", "dtype", "precision", "batch_size", "max_pixels",
     "max_bytes", "decode_memory",
 )
 _Options = create_model(
@@ -93,7 +93,9 @@ class FC7Embedder:
     Args:
         weights: "imagenet", "random:SEED" or the absolute path of a .pth state dict (a
             relative path is resolved in the actor's working directory).
-        layer: "fc7", "fc6" or "pool5".
+        model: "alexnet", "vgg16", "resnet50" or "efficientnet_b0".
+        layer: one of the model's layers (`pipeline.provenance.MODEL_LAYERS`); None, its
+            first (AlexNet's fc7).
         device: "auto" (CUDA when the actor has a GPU), "cpu" or "cuda".
         dtype: stored vector type, "float32" or "float16".
         precision: "auto", "fp32" or "fp16" (CUDA only). int8 is refused: its model is
@@ -121,7 +123,8 @@ class FC7Embedder:
     def __init__(
         self,
         weights: str = "imagenet",
-        layer: Layer = "fc7",
+        model: str = "alexnet",
+        layer: str | None = None,
         device: str = "auto",
         dtype: str = "float32",
         precision: str = "auto",
@@ -132,8 +135,8 @@ class FC7Embedder:
         keep_images: bool = False,
     ):
         options = self.validate_options(
-            weights=weights, layer=layer, device=device, dtype=dtype, precision=precision,
-            batch_size=batch_size, max_pixels=max_pixels, max_bytes=max_bytes,
+            weights=weights, model=model, layer=layer, device=device, dtype=dtype,
+            precision=precision, batch_size=batch_size, max_pixels=max_pixels, max_bytes=max_bytes,
             decode_memory=decode_memory,
         )
         if options["precision"] == "int8":
@@ -146,7 +149,7 @@ class FC7Embedder:
         self.max_pixels = options["max_pixels"]
         self.max_bytes = options["max_bytes"]
         self.keep_images = keep_images
-        loaded = load_weights(options["weights"])
+        loaded = load_weights(options["weights"], options["model"])
         precision = resolve_precision(options["precision"], options["device"])
         self.provenance: Provenance = make_provenance(
             loaded, options["layer"], options["dtype"], precision=precision
@@ -189,6 +192,12 @@ class FC7Embedder:
             ]
             raise ConfigError("FC7Embedder(" + "; ".join(problems) + ")") from None
         values["weights"] = parse_weights_spec(values["weights"])
+        try:
+            values["model"], values["layer"] = check_layer(values["model"], values["layer"])
+        except ConfigError as err:
+            raise ConfigError(
+                f"FC7Embedder(model={values['model']!r}, layer={values['layer']!r}): {err}"
+            ) from None
         return values
 
     def close(self) -> None:

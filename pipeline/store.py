@@ -6,7 +6,7 @@ metadata of every part file; `EmbeddingDataset` refuses a folder whose parts dis
 
 Every Parquet file fc7 writes carries page checksums (CRC32) and every read verifies them, so
 bit rot is an `ArtifactError` naming the file rather than wrong numbers. `EmbeddingDataset.batches`
-also refuses vectors no AlexNet layer can produce (NaN, infinite, negative, above `MAX_VALUE`):
+also refuses vectors no layer of the model can produce (NaN, infinite, negative, above `MAX_VALUE`):
 files written before checksums existed, or damaged before they were written, are caught there.
 """
 
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ArtifactError
 from pipeline.fs import resolve
-from pipeline.provenance import PARQUET_METADATA_KEY, RELU_LAYERS, Provenance
+from pipeline.provenance import PARQUET_METADATA_KEY, Provenance, is_nonnegative
 
 PART_PREFIX = "part-"
 # The name `write_table_atomically` writes under before moving a file into place.
@@ -241,7 +241,7 @@ class EmbeddingDataset:
 
         Raises:
             ArtifactError: a part file is damaged (a page checksum differs, a page does not
-                decode) or holds a vector no AlexNet layer produces (NaN, infinite, negative,
+                decode) or holds a vector no layer of the model produces (NaN, infinite, negative,
                 above `MAX_VALUE`); the message names the file, and the row and its id.
 
         Example:
@@ -329,7 +329,8 @@ class EmbeddingDataset:
             return
         # after a ReLU a negative value can only come from damage
         # float32 bounds: compared with float16 values, a Python 1e6 would overflow to inf.
-        floor = np.float32(0.0 if self.provenance.layer in RELU_LAYERS else -MAX_VALUE)
+        nonnegative = is_nonnegative(self.provenance.model, self.provenance.layer)
+        floor = np.float32(0.0 if nonnegative else -MAX_VALUE)
         ceiling = np.float32(MAX_VALUE)
         # One pass each, no temporaries; NaN fails both comparisons.
         if values.min() >= floor and values.max() <= ceiling:
@@ -343,7 +344,7 @@ class EmbeddingDataset:
         if value < 0:
             what += f", impossible for {self.provenance.layer} (a ReLU output)"
         elif np.isfinite(value):
-            what += f", far above any AlexNet activation (at most {MAX_VALUE:.0e} is accepted)"
+            what += f", far above any activation (at most {MAX_VALUE:.0e} is accepted)"
         raise self._bad_row(batch, int(valid[first]), path, what)
 
     def _bad_row(self, batch: pa.RecordBatch, row: int, path: str, what: str) -> ArtifactError:

@@ -229,7 +229,7 @@ def test_cli_exit_codes_and_messages(tmp_path, capsys):
     assert unwritable.returncode == 1 and "cannot write here" in unwritable.stderr
     with pytest.raises(SystemExit) as helptext:
         fc7(["extract", "--help"])
-    assert helptext.value.code == 0 and "(default: fc7)" in capsys.readouterr().out
+    assert helptext.value.code == 0 and "(default: alexnet)" in capsys.readouterr().out
 
 
 def test_a_manifest_naming_devices_fifos_and_large_files_gives_error_rows(tmp_path):

@@ -8,11 +8,11 @@ import pytest
 
 from pipeline.errors import ArtifactError, ProvenanceMismatch
 from pipeline.provenance import (
-    LAYER_WIDTHS,
     SCHEMA_VERSION,
     Preprocessing,
     Provenance,
     check_schema_version,
+    layer_width,
 )
 
 BASE = Provenance(weights="random:0", weights_sha256="a" * 64, layer="fc7", dim=4096)
@@ -34,6 +34,7 @@ def test_only_the_feature_space_decides_compatibility():
         ({"weights": "random:1", "weights_sha256": "b" * 64},
          "weights_sha256: random:0 (aaaaaaaaaaaa) vs random:1 (bbbbbbbbbbbb)"),
         ({"preprocessing": Preprocessing(resize=224)}, "resize 256 bilinear"),
+        ({"model": "vgg16"}, "model: alexnet vs vgg16"),
     ],
 )
 def test_a_different_feature_space_is_refused_naming_both_sides(change, expected):
@@ -48,7 +49,9 @@ def test_a_different_feature_space_is_refused_naming_both_sides(change, expected
 def test_provenance_round_trips_through_json():
     stamped = BASE.stamped()
     assert Provenance.from_json(stamped.to_json(), "x") == stamped
-    assert stamped.created_at and LAYER_WIDTHS[stamped.layer] == stamped.dim
+    assert stamped.created_at and layer_width("alexnet", stamped.layer) == stamped.dim
+    chained = BASE.model_copy(update={"weights_chain": ({"weights": "imagenet", "sha256": "c"},)})
+    assert Provenance.from_json(chained.to_json(), "x") == chained
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,10 @@ from pydantic import PositiveInt, field_validator, model_validator
 
 from pipeline.config import Device, JobConfig, Size, option
 from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.errors import ConfigError
 from pipeline.fs import normalize_source
 from pipeline.model import parse_weights_spec
-from pipeline.provenance import Layer
+from pipeline.provenance import DEFAULT_MODEL, MODEL_LAYERS, check_layer
 
 
 class ExtractConfig(JobConfig):
@@ -27,7 +28,16 @@ class ExtractConfig(JobConfig):
         "'imagenet' (torch hub cache, downloaded if missing), 'random' or 'random:SEED' (a "
         "seeded smoke test), or a .pth state dict",
     )
-    layer: Layer = option("fc7", "layer to output: fc7, fc6 (4096-d) or pool5 (9216-d)")
+    model: Literal[tuple(MODEL_LAYERS)] = option(  # type: ignore[valid-type]
+        DEFAULT_MODEL,
+        "torchvision network, each with its own layers, ImageNet weights and preprocessing",
+    )
+    layer: str | None = option(
+        None,
+        "layer to output; none means the model's first: alexnet fc7, fc6 (4096-d), pool5 "
+        "(9216-d); vgg16 fc7, fc6 (4096-d), pool5 (25088-d); resnet50 avgpool (2048-d), layer4 "
+        "(100352-d); efficientnet_b0 avgpool (1280-d)",
+    )
     batch_size: PositiveInt = option(64, "images per model call", metavar="N")
     device: Device = option("auto", "auto (CUDA if any), cpu or cuda (gpu is an alias)")
     dtype: Literal["float32", "float16"] = option("float32", "stored vector type")
@@ -108,6 +118,14 @@ class ExtractConfig(JobConfig):
     @classmethod
     def _normalise_location(cls, value: str) -> str:
         return normalize_source(value)
+
+    @model_validator(mode="after")
+    def _layer_of_the_model(self) -> ExtractConfig:
+        try:
+            _, self.layer = check_layer(self.model, self.layer)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return self
 
     @model_validator(mode="after")
     def _dry_run_deletes_nothing(self) -> ExtractConfig:

@@ -24,7 +24,7 @@ from pipeline.extract.plan import Plan, open_inputs, plan_folder
 from pipeline.fs import is_uri, resolve
 from pipeline.gpu import GpuJpegDecoder
 from pipeline.model import Embedder, Weights
-from pipeline.provenance import LAYER_WIDTHS, Preprocessing
+from pipeline.provenance import Preprocessing
 from pipeline.sources import (
     InputReadError,
     read_image_bytes,
@@ -120,7 +120,7 @@ def embed_rows(
         (a (count, dim) float32 array, zero where there is no embedding; the rows, their
         tensors released and `error` set for non-finite vectors).
     """
-    embeddings = np.zeros((count, LAYER_WIDTHS[embedder.layer]), dtype=np.float32)
+    embeddings = np.zeros((count, embedder.dim), dtype=np.float32)
     rows: list[DecodedRow] = []
     waiting: list[int] = []  # positions of decoded rows waiting for the model
     for position, row in enumerate(decoded):
