@@ -17,7 +17,8 @@ COMMANDS = {
     "index": ("jobs.build_index", "build or extend a FAISS similarity index from embeddings"),
     "query": ("jobs.query", "find the images most similar to images, ids or vectors"),
     "train": ("jobs.train_classifier", "train and evaluate a classifier on labelled embeddings"),
-    "predict": ("jobs.predict", "label embeddings or images with a trained classifier"),
+    "predict": ("jobs.predict", "label embeddings or images with a classifier or fine-tune"),
+    "finetune": ("jobs.finetune", "fine-tune the network on labelled images (Ray Train, DDP)"),
     "serve": ("jobs.serve", "serve an index over HTTP with a search web page"),
     "duplicates": ("jobs.duplicates", "group exact and near-duplicate images, pick one to keep"),
     "audit": ("jobs.audit", "find label errors, outliers and train/test leaks (cleanlab)"),
@@ -26,7 +27,8 @@ COMMANDS = {
 
 USAGE = f"""usage: fc7 COMMAND [options]   (fc7 COMMAND --help for its options)
 
-AlexNet FC7 image embeddings on Ray, similarity search and classifiers. Version {__version__}.
+AlexNet FC7 (or --model) image embeddings on Ray, similarity search, classifiers and
+fine-tuning. Version {__version__}.
 
 commands:
 """ + "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()) + """

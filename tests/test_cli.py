@@ -59,7 +59,7 @@ def test_errors_are_one_line_with_an_exit_status(capsys):
 
 
 SCRIPTS = ["extract", "build_index", "query", "train_classifier", "predict", "serve",
-           "duplicates", "audit", "map"]
+           "duplicates", "audit", "map", "finetune"]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,7 @@ def test_a_bad_value_exits_2_naming_the_flag():
     ("duplicates", "pipeline.curate.config:DuplicatesConfig"),
     ("audit", "pipeline.curate.config:AuditConfig"),
     ("map", "pipeline.curate.config:MapConfig"),
+    ("finetune", "pipeline.finetune.config:FinetuneConfig"),
 ])
 def test_each_yaml_config_is_valid_and_shows_every_option_at_its_default(name, model):
     import importlib

@@ -76,7 +76,7 @@ class TrainConfig(JobConfig):
 class PredictConfig(JobConfig):
     """Options of `fc7 predict` (and `jobs/predict.py`)."""
 
-    model_dir: str = option(help="folder written by fc7 train", positional=True,
+    model_dir: str = option(help="folder written by fc7 train or fc7 finetune", positional=True,
                             metavar="MODEL_DIR")
     embeddings: str | None = option(
         None, "extraction output to label (or use --image)", positional=True,
