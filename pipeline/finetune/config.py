@@ -16,7 +16,8 @@ Augment = Literal["none", "light", "strong"]
 TrainPath = Literal["auto", "images", "embeddings"]
 
 # Options that do not change the trained weights (beyond float summation order for
-# num_workers, see tests/test_finetune.py): a resumed run may change these.
+# num_workers, see tests/test_ray_job.py; with --dropout above 0 each worker draws its own
+# dropout masks, so the worker count changes them): a resumed run may change these.
 NOT_HYPERPARAMETERS = frozenset(
     {"out", "overwrite", "num_workers", "device", "max_failures", "keep_checkpoints",
      "decode_threads"}
@@ -82,7 +83,9 @@ class FinetuneConfig(JobConfig):
         None, "pool5 embeddings of DATA written by fc7 extract --layer pool5", metavar="EMB"
     )
     num_workers: int = option(
-        1, "Ray Train workers (DDP); 0: Ray Train's local mode, in this process", metavar="N",
+        1, "Ray Train workers (DDP); 0: Ray Train's local mode, in this process. The same "
+        "curves for any count, except that each worker draws its own dropout masks",
+        metavar="N",
         ge=0,
     )
     device: Literal["auto", "cpu", "cuda"] = option(
