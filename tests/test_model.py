@@ -168,7 +168,9 @@ def test_embed_bytes_reports_undecodable_images(weights):
     assert vectors.shape == (2, 4096) and vectors[0].any() and not vectors[1].any()
 
 
-@pytest.mark.parametrize("model", list(MODEL_LAYERS))
+# Not vgg16: after pool5 its rest is its whole classifier, as AlexNet's is (the same code), and
+# building its 138M random weights costs seconds of a suite at its time limit.
+@pytest.mark.parametrize("model", [model for model in MODEL_LAYERS if model != "vgg16"])
 def test_the_rest_of_the_network_after_the_pooled_layer_gives_its_logits(model):
     """Fine-tuning from stored embeddings runs `rest` on what `cut` gave: together they are
     the stock network; and with frozen convolutions, what trains is exactly `rest`."""
