@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from pipeline.finetune.train import (
     latest_checkpoint,
     load_checkpoint,
     plain_state_dict,
+    stage_file,
 )
 from pipeline.model import FINETUNE_KIND, Weights
 from pipeline.provenance import Preprocessing, file_sha256
@@ -173,7 +172,7 @@ def write_outputs(
     curves = last["curves"]
     _plot_curves(curves, best_epoch, out / CURVES_FILE)
     model = plain_state_dict(best)
-    _stage(out / MODEL_FILE, lambda temporary: torch.save(model, temporary))
+    stage_file(out / MODEL_FILE, lambda temporary: torch.save(model, temporary))
     manifest = {
         "kind": FINETUNE_KIND,
         "schema_version": SCHEMA_VERSION,
@@ -226,19 +225,8 @@ def _is_leftover(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
-def _stage(path: Path, write) -> None:
-    """Write through `write(temporary)` and move into place: a kill leaves no half file."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _stage(path, lambda temporary: temporary.write_text(text + "\n"))
+    stage_file(path, lambda temporary: temporary.write_text(text + "\n"))
 
 
 def _plot_curves(curves: list[dict[str, Any]], best_epoch: int, path: Path) -> None:
@@ -259,5 +247,5 @@ def _plot_curves(curves: list[dict[str, Any]], best_epoch: int, path: Path) -> N
         axes.set_ylabel(metric)
         axes.legend()
     figure.tight_layout()
-    _stage(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
+    stage_file(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
     plt.close(figure)

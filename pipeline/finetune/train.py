@@ -108,6 +108,17 @@ def seed_of(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def stage_file(path: Path, write) -> None:
+    """Write through `write(temporary)` and move into place: a kill leaves no half file."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def checkpoint_path(folder: str | Path, epoch: int) -> Path:
     return Path(folder) / f"epoch-{epoch:03d}.pt"
 
@@ -436,13 +447,7 @@ def _save_checkpoint(
         "standardized": standardized,
         **progress,
     }
-    temporary = folder / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    stage_file(path, lambda temporary: torch.save(state, temporary))
     keep = {path.name, checkpoint_path(folder, progress["best_epoch"]).name}
     for old in folder.glob("epoch-*.pt"):
         if old.name not in keep:
