@@ -18,6 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CALTECH = SHARED / "datasets" / "caltech101" / "101_ObjectCategories"
 
+# Ray refuses to spill objects to a disk over this fraction full (default 0.95), and CI
+# machines' disks have been 97% full. With 0, every Ray the tests start (embedded, `ray start`
+# nodes, the jobs' drivers) refuses to spill: a test that only passes by spilling fails on
+# every machine, not only on a full one.
+os.environ["RAY_local_fs_capacity_threshold"] = "0"
+
 needs_caltech = pytest.mark.skipif(not CALTECH.is_dir(), reason="../shared/datasets is absent")
 
 

@@ -72,8 +72,11 @@ class RayCluster:
     environment `node_env` (e.g. a test-only hook) for the workers it starts.
     """
 
-    def __init__(self, root: Path, node_env: dict[str, str] | None = None):
+    def __init__(self, root: Path, node_env: dict[str, str] | None = None,
+                 object_store_memory: int = 100_000_000):
         self.root = root
+        # Each node's object store: what does not fit would spill, which conftest forbids.
+        self.object_store_memory = object_store_memory
         # Ray 2.60's head wants token authentication; a fresh machine has no
         # ~/.ray/auth_token, so this cluster gets its own token, shared through the environment.
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
@@ -112,8 +115,8 @@ class RayCluster:
         with open(log_path, "wb") as log:
             self.nodes[name] = subprocess.Popen(
                 [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                 "--object-store-memory=100000000", f"--resources={json.dumps({name: 1})}",
-                 *args],
+                 f"--object-store-memory={self.object_store_memory}",
+                 f"--resources={json.dumps({name: 1})}", *args],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -97,6 +97,14 @@ class Extract:
         return "".join(self.lines) + "".join(self.errors)
 
     @property
+    def error(self) -> str:
+        """The error `fc7 extract` ended with: its last `error:` line, not a Ray log line
+        printed after it (a raylet's warning about a full disk, say)."""
+        errors = [line for line in self.errors if line.startswith("fc7 extract: error:")]
+        assert errors, f"fc7 extract printed no error: {self.output}"
+        return errors[-1]
+
+    @property
     def output(self) -> str:
         """The ends of both streams, for failure messages."""
         return "".join(self.lines)[-4000:] + "".join(self.errors)[-4000:]
@@ -154,7 +162,7 @@ def test_a_shard_that_crashes_every_worker_ends_the_run_named(cluster, tmp_path)
             assert run.finish() == 1, run.output
     finally:
         cluster.crash_file.unlink()
-    message = run.errors[-1]
+    message = run.error
     assert "shard 5 failed on 3 different workers" in message, run.output
     assert f"first inputs: {images / poison}, " in message, message  # where to look
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -171,7 +179,7 @@ def test_a_worker_larger_than_every_node_fails_at_once_naming_the_nodes(cluster,
     args = (str(images), "--out", str(tmp_path / "out"), "--cpus-per-worker", "4")
     with Extract(cluster, *args) as run:
         assert run.finish(timeout=120) == 2, run.output  # a usage error, before any actor
-    message = run.errors[-1]
+    message = run.error
     assert "no node of the Ray cluster can hold one worker of 4 CPU (nodes: " in message
     assert message.count("(1 CPU, 0 GPU)") == 2 and "(0 CPU, 0 GPU)" in message
 

@@ -48,7 +48,9 @@ FINETUNE = [str(REPO / "examples/images"), "--weights", "random:0", "--epochs", 
 
 @pytest.mark.skipif(not Path(RAY).exists(), reason="the ray command is not installed")
 def test_ray_job_submit_runs_extract_index_train_and_finetune_on_a_started_head(tmp_path):
-    cluster = RayCluster(tmp_path)
+    # The fine-tune puts AlexNet's weights (244 MB) in the object store: room for them, so
+    # that nothing is spilled to a disk that may be nearly full.
+    cluster = RayCluster(tmp_path, object_store_memory=700_000_000)
 
     def submit(*job_args: str) -> str:
         job = subprocess.run(
