@@ -282,3 +282,24 @@ def test_a_standardized_layer_folds_back_into_the_same_plain_function():
         folded = plain_state_dict(state)
         plain.load_state_dict({"weight": folded["fc.weight"], "bias": folded["fc.bias"]})
         torch.testing.assert_close(plain(x), wrapped(x), rtol=1e-4, atol=1e-5)
+
+
+def test_weights_that_do_not_fit_ray_s_object_store_end_the_run_in_one_line(toy, tmp_path):
+    from ray._private.utils import estimate_available_memory
+
+    # A local Ray store of about 150 MB (Ray takes this share of the memory it finds available;
+    # its least is 75 MB) and no spilling (conftest: as on a 97%-full disk): AlexNet's weights
+    # (244 MB) cannot be put. Ray's own message blames "the local disk" and nothing else.
+    share = 150_000_000 / estimate_available_memory()
+    env = dict(os.environ, RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION=f"{share:.6f}")
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "finetune", str(toy), "--out", str(tmp_path / "out"),
+         *COMMON, "--num-workers", "1"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fc7 finetune: error: Ray's object store is full and it may not "
+                           "spill to disk: the disk of Ray's temp folder"), done.stderr[-3000:]
+    assert "--object-store-memory" in last and "Traceback" not in done.stderr
