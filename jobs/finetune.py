@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if state.resume_epoch and state.resume_epoch <= config.epochs:
         print(f"resuming at epoch {state.resume_epoch}")
-    started = config.num_workers > 0 and start_ray()
+    # With the dashboard: Ray Train's placement-group cleaner asks its state API whether the
+    # run still lives, and without one warns every 2 s that it cannot.
+    started = config.num_workers > 0 and start_ray(dashboard=True)
     try:
         share = ray.put if config.num_workers > 0 else (lambda value: value)
         job = TrainJob(config, data.classes, data.labels, data.train, data.val, path[0],

@@ -39,12 +39,14 @@ def summary(stats: ShardStats, plan: Plan, seconds: float, skipped_shards: int) 
     return "\n".join(lines)
 
 
-def start_ray(object_store_memory: int | None = None) -> bool:
+def start_ray(object_store_memory: int | None = None, dashboard: bool = False) -> bool:
     """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray of our
     own; returns whether this call started one (then `stop_ray` stops it).
 
     `object_store_memory` sizes the object store of a local Ray (default: Ray's, 30% of the
     memory); objects beyond it are spilled to disk. A cluster's is set by `ray start`.
+    `dashboard` starts a local Ray's dashboard, whose state API Ray Train asks (off by
+    default: on a laptop its processes take CPU from the model, about 5% on 2 cores).
 
     Never joins a Ray that `ray start` left on this machine unless RAY_ADDRESS says so: that
     one runs in another Python environment, and when its head is dead `ray.init` waits forever.
@@ -61,15 +63,14 @@ def start_ray(object_store_memory: int | None = None) -> bool:
         _require_answering(address)
         ray.init(logging_level="WARNING")
         return False
-    # Local workers import `pipeline` from this checkout even when it is not installed. No
-    # dashboard: on a laptop its processes take CPU from the model (about 5% on 2 cores).
+    # Local workers import `pipeline` from this checkout even when it is not installed.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     ray.init(
         address="local",
         object_store_memory=object_store_memory,
         runtime_env={"env_vars": {"PYTHONPATH": path}},
-        include_dashboard=False,
+        include_dashboard=dashboard,
         logging_level="WARNING",
     )
     return True

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -147,7 +148,7 @@ def fit(job: TrainJob, storage: str) -> None:
         ray.train.TrainingFailedError: a worker failed more than `--max-failures` times.
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     config = job.config
@@ -163,6 +164,8 @@ def fit(job: TrainJob, storage: str) -> None:
             name=f"fc7-finetune-{uuid.uuid4().hex[:8]}",
             storage_path=storage,
             failure_config=FailureConfig(max_failures=config.max_failures),
+            # Not a line per report, worker move and process group: our epoch lines say it.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     trainer.fit()
@@ -339,7 +342,9 @@ def _train(job: TrainJob) -> None:
             sums[2] += len(mine)
         train_loss, train_correct, train_seen = all_reduced(sums)
         val_loss, val_correct, val_seen = all_reduced(
-            _evaluate(trainable, batch, labels, np.array_split(job.val, world)[rank],
+            # A copy: the split came through the object store read-only, and torch warns
+            # when indexed with a read-only array.
+            _evaluate(trainable, batch, labels, np.array_split(job.val, world)[rank].copy(),
                       config.batch_size, device)
         )
         scheduler.step()
@@ -362,13 +367,15 @@ def _train(job: TrainJob) -> None:
             _save_checkpoint(job, network, optimizer, scheduler, epoch, progress,
                              finished=stopped_early or epoch == config.epochs,
                              stopped_early=stopped_early, standardized=standardized)
-            print(
+            # Written, not print()ed: Ray Train's workers send print() to a logger that also
+            # echoes it, and each epoch line reached the driver twice.
+            sys.stdout.write(
                 f"epoch {epoch}/{config.epochs}: train loss {row['train_loss']:.4f} "
                 f"acc {row['train_accuracy']:.3f}, val loss {row['val_loss']:.4f} "
                 f"acc {row['val_accuracy']:.3f}, lr {lr:.3g}, {row['seconds']:.1f} s"
-                + (" (best)" if progress["best_epoch"] == epoch else ""),
-                flush=True,
+                + (" (best)" if progress["best_epoch"] == epoch else "") + "\n"
             )
+            sys.stdout.flush()
         ray.train.report({key: value for key, value in row.items()})
         if stopped_early:
             break
