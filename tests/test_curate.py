@@ -20,8 +20,10 @@ from jobs.cli import main as fc7
 from jobs.duplicates import main as duplicates_main
 from jobs.map import main as map_main
 from pipeline.curate import read_results
+from pipeline.errors import ProvenanceMismatch
 from pipeline.index.faiss_env import normalize
 from pipeline.neighbours import NEAR_DUPLICATE_COSINE, cosine_knn, knn_graph
+from pipeline.provenance import PARQUET_METADATA_KEY
 
 
 def oracle_groups(vectors: np.ndarray, sha256: list[str | None], threshold: float,
@@ -243,6 +245,15 @@ def test_map_pca_is_scikit_learns(labelled, tmp_path: Path) -> None:
     assert np.allclose(table["x"].to_numpy(), expected[:, 0], atol=1e-4)
     assert np.allclose(table["y"].to_numpy(), expected[:, 1], atol=1e-4)
     assert manifest["method"] == "pca" and manifest["rows"] == 400
+
+    # The Parquet file's provenance must be the manifest's: a file swapped in is refused.
+    parquet = pq.read_table(out / "map.parquet")
+    recorded = json.loads(parquet.schema.metadata[PARQUET_METADATA_KEY])
+    changed = json.dumps(recorded | {"layer": "fc6"}).encode()
+    pq.write_table(parquet.replace_schema_metadata({PARQUET_METADATA_KEY: changed}),
+                   out / "map.parquet")
+    with pytest.raises(ProvenanceMismatch, match=r"\(map.parquet\).*layer: fc7 vs fc6"):
+        read_results(out, "fc7-map")
 
 
 def test_map_umap_keeps_neighbourhoods_and_transforms_beyond_the_sample(

@@ -22,139 +22,34 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline.curate.output import MANIFEST_FILE as MANIFEST
-from pipeline.curate.output import SCHEMA_VERSION
+from pipeline.curate.output import AUDIT, DUPLICATES, MAP, CurationOutput, read_folder
 from pipeline.errors import ArtifactError
 from pipeline.index.idmap import IdMap
-from pipeline.provenance import PARQUET_METADATA_KEY, Provenance, check_schema_version
 from pipeline.search import SimilarityIndex
-from pipeline.store import read_parquet
 
 # Bits of the map's per-point `issues`, in this order (bit i is 1 << i).
 ISSUE_NAMES = ("label", "outlier", "leak", "duplicate")
 
 
-def _is_string(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
-
-
-@dataclass(frozen=True)
-class CurationOutput:
-    """One curation command's output folder, as the contract fixes it."""
-
-    name: str  # the view, and the option of `fc7 serve` (`--map`)
-    kind: str  # the manifest's `kind`
-    file: str
-    command: str
-    # column: (Arrow type it is read as, whether nulls are allowed)
-    columns: dict[str, tuple[pa.DataType, bool]]
-    optional: dict[str, tuple[pa.DataType, bool]] = field(default_factory=dict)
-
-    def fix(self, folder: Path) -> str:
-        return f"make it with `{self.command} EMBEDDINGS --out {folder}`"
-
-
-_ID = {"id": (pa.string(), False), "path": (pa.string(), False), "label": (pa.string(), True)}
-MAP = CurationOutput(
-    "map",
-    "fc7-map",
-    "map.parquet",
-    "fc7 map",
-    _ID | {"x": (pa.float32(), False), "y": (pa.float32(), False)},
-)
-DUPLICATES = CurationOutput(
-    "duplicates",
-    "fc7-duplicates",
-    "duplicates.parquet",
-    "fc7 duplicates",
-    {"group": (pa.int64(), False)}
-    | _ID
-    | {
-        "similarity": (pa.float32(), True),
-        "representative": (pa.bool_(), False),
-        "kind": (pa.string(), False),
-    },
-)
-# Flags are null where they do not apply (a test image has no label issue): read as false.
-AUDIT = CurationOutput(
-    "audit",
-    "fc7-audit",
-    "audit.parquet",
-    "fc7 audit",
-    _ID
-    | {
-        "suggested_label": (pa.string(), True),
-        "label_score": (pa.float32(), True),
-        "label_issue": (pa.bool_(), True),
-        "outlier_score": (pa.float32(), True),
-        "outlier": (pa.bool_(), True),
-        "near_duplicate": (pa.bool_(), True),
-        "split": (pa.string(), False),
-        "leak": (pa.bool_(), True),
-        "leak_id": (pa.string(), True),
-    },
-    # How similar a leak is to the training image it repeats, where the audit records it.
-    optional={"leak_similarity": (pa.float32(), True)},
-)
-OUTPUTS = {output.kind: output for output in (MAP, DUPLICATES, AUDIT)}
-
-# What a stored type may be for each type read (all cast without loss of meaning).
-_ACCEPTS: dict[pa.DataType, Callable[[pa.DataType], bool]] = {
-    pa.string(): _is_string,
-    pa.float32(): pa.types.is_floating,
-    pa.int64(): pa.types.is_integer,
-    pa.bool_(): pa.types.is_boolean,
-}
-
-
 def read_output(
     folder: str | Path, output: CurationOutput, index: SimilarityIndex, index_dir: str
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """The Parquet table and manifest of a curation output folder, checked against the index.
-
-    Args:
-        folder: the folder given to `--map`, `--duplicates` or `--audit`.
-        output: which command's output it must be (`MAP`, `DUPLICATES`, `AUDIT`).
-        index: the served index, whose provenance the output's must match.
-        index_dir: the index folder, for messages.
-
-    Returns:
-        The table with the contract's columns (and its optional ones that are there), cast to
-        their types, and the manifest.
+    """`read_folder` for `fc7 serve --map/--duplicates/--audit`, whose every recorded
+    provenance must be the index's feature space.
 
     Raises:
-        ArtifactError: the folder, its manifest or its Parquet file is missing, of another
-            kind, of a newer schema, damaged, or lacks a column or a required value.
+        ArtifactError: see `read_folder`.
         ProvenanceMismatch: it was made from other features than the index.
-
-    Example:
-        >>> table, manifest = read_output("out/map", MAP, index, "out/index")  # doctest: +SKIP
-        >>> manifest["method"]  # doctest: +SKIP
-        'umap'
     """
-    folder = Path(folder)
-    where = f"--{output.name} {folder}"
-    if not folder.is_dir():
-        raise ArtifactError(f"{where}: no such folder; {output.fix(folder)}")
-    manifest = _read_manifest(folder, output, where)
-    parquet = folder / output.file
-    if not parquet.is_file():
-        raise ArtifactError(f"{parquet}: missing; {output.fix(folder)}")
-    try:
-        schema = pq.read_schema(parquet)
-    except (OSError, pa.ArrowException) as err:
-        raise ArtifactError(f"{parquet}: damaged or not a readable Parquet file ({err})") from None
-    stored = _stored_provenance(manifest, schema, parquet)
+    table, manifest, stored = read_folder(folder, output, where=f"--{output.name} {folder}")
     for provenance, source in stored:
         index.provenance.require_compatible(
             provenance,
@@ -162,84 +57,7 @@ def read_output(
             theirs=f"{output.name} {folder} ({source})",
             fix="make it again from the embeddings the index was built from",
         )
-    _check_columns(schema, output, parquet, folder)
-    columns = output.columns | {
-        name: spec for name, spec in output.optional.items() if name in schema.names
-    }
-    table = read_parquet(str(parquet), columns=list(columns))
-    table = table.cast(pa.schema([(name, kind) for name, (kind, _) in columns.items()]))
-    for name, (kind, nullable) in columns.items():
-        missing = table[name].is_null().to_numpy(zero_copy_only=False)
-        bad = missing if not nullable else np.zeros(len(table), dtype=bool)
-        if pa.types.is_floating(kind):  # scores and coordinates are finite numbers
-            bad = bad | (~missing & ~np.isfinite(table[name].to_numpy(zero_copy_only=False)))
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ArtifactError(
-                f"{parquet}: column {name!r} is {table[name][row].as_py()} in row {row} "
-                f"(id {table['id'][row].as_py()!r}); {output.fix(folder)}"
-            )
     return table, manifest
-
-
-def _read_manifest(folder: Path, output: CurationOutput, where: str) -> dict[str, Any]:
-    path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(
-            f"{where}: not an {output.kind} folder (no {MANIFEST}); {output.fix(folder)}"
-        ) from None
-    except (OSError, ValueError) as err:
-        raise ArtifactError(f"{path}: unreadable ({err}); {output.fix(folder)}") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}: not a JSON object; {output.fix(folder)}")
-    kind = manifest.get("kind")
-    if kind != output.kind:
-        other = OUTPUTS.get(kind) if isinstance(kind, str) else None
-        hint = f"; pass it to --{other.name}" if other else ""
-        raise ArtifactError(
-            f"{where}: holds an output of kind {kind!r}, not {output.kind!r}{hint}; "
-            f"{output.fix(folder)}"
-        )
-    check_schema_version(
-        manifest.get("schema_version"), SCHEMA_VERSION, str(path), output.fix(folder)
-    )
-    return manifest
-
-
-def _stored_provenance(
-    manifest: dict[str, Any], schema: pa.Schema, parquet: Path
-) -> list[tuple[Provenance, str]]:
-    """The provenance an output records: its manifest's, its Parquet schema's, or none."""
-    found = []
-    recorded = manifest.get("provenance")
-    if recorded is not None:
-        text = recorded if isinstance(recorded, str) else json.dumps(recorded)
-        found.append((Provenance.from_json(text, str(parquet.parent / MANIFEST)), MANIFEST))
-    metadata = schema.metadata or {}
-    if PARQUET_METADATA_KEY in metadata:
-        found.append(
-            (Provenance.from_json(metadata[PARQUET_METADATA_KEY], str(parquet)), parquet.name)
-        )
-    return found
-
-
-def _check_columns(schema: pa.Schema, output: CurationOutput, parquet: Path, folder: Path) -> None:
-    for name, (kind, _) in (output.columns | output.optional).items():
-        index = schema.get_field_index(name)
-        if index < 0 and name in output.optional:
-            continue
-        if index < 0:
-            raise ArtifactError(
-                f"{parquet}: no column {name!r} (it has {', '.join(schema.names)}); "
-                f"{output.fix(folder)}"
-            )
-        stored = schema.field(index).type
-        if not _ACCEPTS[kind](stored):
-            raise ArtifactError(
-                f"{parquet}: column {name!r} is {stored}, not {kind}; {output.fix(folder)}"
-            )
 
 
 def _in_index(id_map: IdMap, table: pa.Table) -> np.ndarray:
