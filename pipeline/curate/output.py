@@ -265,8 +265,12 @@ def read_results(folder: str | Path, kind: str) -> tuple[pa.Table, dict[str, Any
     """Read a curation folder back (`read_folder`): its results table, manifest and provenance.
 
     Raises:
-        ArtifactError: see `read_folder`; or it records no provenance, or two that differ.
+        ArtifactError: see `read_folder`; or it records no provenance.
+        ProvenanceMismatch: its Parquet file's provenance is not its manifest's.
+        ValueError: `kind` is not "fc7-map", "fc7-duplicates" or "fc7-audit".
     """
+    if kind not in OUTPUTS:
+        raise ValueError(f"kind {kind!r}: not one of {', '.join(OUTPUTS)}")
     output = OUTPUTS[kind]
     table, manifest, stored = read_folder(folder, output)
     if not stored:
